@@ -1,0 +1,28 @@
+"""The adapter contract shared by every backend module."""
+
+from __future__ import annotations
+
+
+class Adapter:
+    """Base class of backend adapters.
+
+    Subclasses set ``name`` and ``library`` and define, for each operation they
+    accelerate, a method with the same signature as the core function in
+    :mod:`kernelattn._agnostic` (``linear_attention``, ``softmax_attention``).
+    An operation without a method falls back to the core.
+
+    ``supports(op, *, device_type, dtype, **static)`` returns True, or a string
+    saying why this call goes to the core instead.
+    """
+
+    name = "base"
+    library = ""
+
+    def supports(self, op: str, *, device_type: str, dtype: str, **static) -> bool | str:
+        if getattr(self, op, None) is None:
+            return f"no fast path for {op}"
+        return True
+
+    def __repr__(self) -> str:
+        ops = [op for op in ("linear_attention", "softmax_attention") if getattr(self, op, None)]
+        return f"<kernelattn adapter {self.name!r}: fast paths {ops or 'none yet'}>"

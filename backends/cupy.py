@@ -1,0 +1,18 @@
+"""The cupy adapter.
+
+No hand-tuned path yet: every operation runs the array-API core on cupy
+arrays, which is correct and tested; fast paths are added here as methods
+with the core functions' signatures.
+"""
+
+from __future__ import annotations
+
+from kernelattn.backends._base import Adapter
+
+
+class CuPyAdapter(Adapter):
+    name = "cupy"
+    library = "cupy"
+
+
+ADAPTER = CuPyAdapter()

@@ -1,0 +1,260 @@
+"""Linear and softmax attention in pure array API.
+
+Shapes: batch B, heads H, query length N, key length L, head dim d, value
+dim e, feature dim m. The kernelized output is
+
+    out_i = phi(q_i)^T S / (phi(q_i)^T z + eps),  S = sum_j phi(k_j) v_j^T,  z = sum_j phi(k_j)
+
+with the sums over all keys (non-causal) or over j <= i (causal). A state is
+the pair (S, z) of shapes (B, H, m, e) and (B, H, m); it carries a causal
+sequence from one call to the next (recurrent decoding).
+
+Three causal strategies compute the same numbers:
+
+* ``naive``: the masked (N, N) matrix phi(Q) phi(K)^T, O(N^2): the reference;
+* ``chunked``: exact masked products inside chunks of C tokens, plus an
+  exclusive prefix of per-chunk states between chunks; memory O(N (C + m e / C)),
+  never an (N, m, e) tensor;
+* ``recurrent``: the state updated one token at a time.
+
+Inputs of float16/bfloat16 are computed in float32 and cast back; states stay
+in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .._compat import device as _device
+from ._utils import cast, compute_dtype, swap_last
+
+# ---------------------------------------------------------------------------
+# on features: phi(q) (B, H, N, m), phi(k) (B, H, L, m), v (B, H, L, e)
+
+
+def mask_keys(fk, v, key_mask, *, xp):
+    """Zero the rows of phi(K) and V at padded keys (``key_mask`` False).
+
+    The mask acts after the feature map, so padded keys never reach S or z.
+    ``key_mask`` is boolean (B, L), True for a real key.
+    """
+    if key_mask is None:
+        return fk, v
+    keep = key_mask[:, None, :, None]
+    return xp.where(keep, fk, xp.zeros_like(fk)), xp.where(keep, v, xp.zeros_like(v))
+
+
+def _normalise(num, den, eps):
+    # num (..., e), den (..., 1). A row with nothing to attend to has num = 0
+    # and den = 0, and gives 0 / eps = 0.
+    return num / (den + eps)
+
+
+def state_of(fk, v, *, xp):
+    """(S, z) of a block of keys: S = phi(K)^T V (B, H, m, e), z = sum phi(K) (B, H, m)."""
+    return xp.matmul(swap_last(fk, xp=xp), v), xp.sum(fk, axis=-2)
+
+
+def _add_state(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a[0] + b[0], a[1] + b[1]
+
+
+def _readout(fq, state, *, xp):
+    """phi(Q) S and phi(Q) z for a state shared by every query."""
+    S, z = state
+    return xp.matmul(fq, S), xp.matmul(fq, z[..., None])
+
+
+def noncausal(fq, fk, v, *, eps, initial_state=None, return_state=False, xp):
+    """Non-causal linear attention on features; any N and L (cross-attention)."""
+    state = _add_state(initial_state, state_of(fk, v, xp=xp))
+    num, den = _readout(fq, state, xp=xp)
+    return _normalise(num, den, eps), (state if return_state else None)
+
+
+def _causal_mask(n, l, *, device, xp):
+    i = xp.arange(n, device=device)[:, None]
+    j = xp.arange(l, device=device)[None, :]
+    return j <= i
+
+
+def quadratic(fq, fk, v, *, causal, eps, initial_state=None, return_state=False, xp):
+    """The O(N L) form: A = phi(Q) phi(K)^T, masked below the diagonal if causal."""
+    A = xp.matmul(fq, swap_last(fk, xp=xp))
+    if causal:
+        keep = _causal_mask(fq.shape[-2], fk.shape[-2], device=_device(fq), xp=xp)
+        A = xp.where(keep, A, xp.zeros_like(A))
+    num = xp.matmul(A, v)
+    den = xp.sum(A, axis=-1, keepdims=True)
+    if initial_state is not None:
+        n0, d0 = _readout(fq, initial_state, xp=xp)
+        num, den = num + n0, den + d0
+    state = None
+    if return_state:
+        state = _add_state(initial_state, state_of(fk, v, xp=xp))
+    return _normalise(num, den, eps), state
+
+
+def _pad_tokens(x, pad, *, xp):
+    if pad == 0:
+        return x
+    zeros = xp.zeros((*x.shape[:-2], pad, x.shape[-1]), dtype=x.dtype, device=_device(x))
+    return xp.concat([x, zeros], axis=-2)
+
+
+def chunked(fq, fk, v, *, eps, chunk_size=64, initial_state=None, return_state=False, xp):
+    """Causal linear attention by chunks of ``chunk_size`` tokens (N = L).
+
+    Inside a chunk: the masked product (C, C). Between chunks: the exclusive
+    prefix sum of the per-chunk states, shape (N/C, m, e). The sequence is
+    zero-padded to a multiple of C; padded rows are dropped from the output.
+    """
+    B, H, N, m = fq.shape
+    e = v.shape[-1]
+    C = max(1, min(chunk_size, N))
+    nc = -(-N // C)
+    pad = nc * C - N
+    fq_c = xp.reshape(_pad_tokens(fq, pad, xp=xp), (B, H, nc, C, m))
+    fk_c = xp.reshape(_pad_tokens(fk, pad, xp=xp), (B, H, nc, C, m))
+    v_c = xp.reshape(_pad_tokens(v, pad, xp=xp), (B, H, nc, C, e))
+
+    # intra-chunk: exact masked products
+    A = xp.matmul(fq_c, swap_last(fk_c, xp=xp))
+    keep = _causal_mask(C, C, device=_device(fq), xp=xp)
+    A = xp.where(keep, A, xp.zeros_like(A))
+    num = xp.matmul(A, v_c)
+    den = xp.sum(A, axis=-1, keepdims=True)
+
+    # inter-chunk: states of all earlier chunks
+    S_c, z_c = state_of(fk_c, v_c, xp=xp)  # (B, H, nc, m, e), (B, H, nc, m)
+    S_incl = xp.cumulative_sum(S_c, axis=2)
+    z_incl = xp.cumulative_sum(z_c, axis=2)
+    S_prev, z_prev = S_incl - S_c, z_incl - z_c
+    if initial_state is not None:
+        S_prev = S_prev + initial_state[0][:, :, None, ...]
+        z_prev = z_prev + initial_state[1][:, :, None, ...]
+    num = num + xp.matmul(fq_c, S_prev)
+    den = den + xp.matmul(fq_c, z_prev[..., None])
+
+    out = xp.reshape(_normalise(num, den, eps), (B, H, nc * C, e))
+    if pad:
+        out = out[:, :, :N, :]
+    state = None
+    if return_state:
+        state = (S_prev[:, :, -1, ...] + S_c[:, :, -1, ...], z_prev[:, :, -1, ...] + z_c[:, :, -1, ...])
+    return out, state
+
+
+def recurrent(fq, fk, v, *, eps, initial_state=None, return_state=False, xp):
+    """Causal linear attention one token at a time, carrying (S, z)."""
+    B, H, N, m = fq.shape
+    e = v.shape[-1]
+    if initial_state is None:
+        dev = _device(fq)
+        S = xp.zeros((B, H, m, e), dtype=fq.dtype, device=dev)
+        z = xp.zeros((B, H, m), dtype=fq.dtype, device=dev)
+    else:
+        S, z = initial_state
+    outs = []
+    for t in range(N):
+        fk_t, v_t, fq_t = fk[:, :, t, :], v[:, :, t, :], fq[:, :, t, :]
+        S = S + fk_t[..., :, None] * v_t[..., None, :]
+        z = z + fk_t
+        num = xp.matmul(fq_t[..., None, :], S)[..., 0, :]
+        den = xp.sum(fq_t * z, axis=-1, keepdims=True)
+        outs.append(_normalise(num, den, eps))
+    out = xp.stack(outs, axis=2)
+    return out, ((S, z) if return_state else None)
+
+
+STRATEGIES = ("auto", "chunked", "naive", "recurrent")
+
+
+def attention_on_features(
+    fq, fk, v, *, causal, eps, method="auto", chunk_size=64, key_mask=None,
+    initial_state=None, return_state=False, xp,
+):
+    """Linear attention given phi(Q) and phi(K), all in the compute dtype."""
+    fk, v = mask_keys(fk, v, key_mask, xp=xp)
+    kw = dict(eps=eps, initial_state=initial_state, return_state=return_state, xp=xp)
+    if method == "naive":
+        return quadratic(fq, fk, v, causal=causal, **kw)
+    if not causal:
+        return noncausal(fq, fk, v, **kw)
+    if method == "recurrent":
+        return recurrent(fq, fk, v, **kw)
+    return chunked(fq, fk, v, chunk_size=chunk_size, **kw)
+
+
+def linear_attention(
+    q, k, v, *, feature_map, causal=False, key_mask=None, eps=1e-6, chunk_size=64,
+    method="auto", initial_state=None, return_state=False, xp,
+):
+    """Kernelized attention of (B, H, N, d) queries over (B, H, L, d) keys.
+
+    ``feature_map`` is an object with ``apply(x, *, role, xp)`` (role
+    ``"query"`` or ``"key"``). Returns ``(out, state)``: ``out`` (B, H, N, e)
+    in the dtype of ``q``; ``state`` None unless ``return_state``.
+    """
+    dtype = q.dtype
+    cdt = compute_dtype(dtype, xp=xp)
+    q, k, v = (cast(a, cdt, xp=xp) for a in (q, k, v))
+    if initial_state is not None:
+        initial_state = tuple(cast(s, cdt, xp=xp) for s in initial_state)
+    fq = feature_map.apply(q, role="query", xp=xp)
+    fk = feature_map.apply(k, role="key", xp=xp)
+    out, state = attention_on_features(
+        fq, fk, v, causal=causal, eps=eps, method=method, chunk_size=chunk_size,
+        key_mask=key_mask, initial_state=initial_state, return_state=return_state, xp=xp,
+    )
+    return cast(out, dtype, xp=xp), state
+
+
+def attention_weights(fq, fk, *, causal, key_mask=None, eps=1e-6, xp):
+    """The (B, H, N, L) attention matrix of linear attention, rows normalised."""
+    A = xp.matmul(fq, swap_last(fk, xp=xp))
+    if causal:
+        keep = _causal_mask(fq.shape[-2], fk.shape[-2], device=_device(fq), xp=xp)
+        A = xp.where(keep, A, xp.zeros_like(A))
+    if key_mask is not None:
+        A = xp.where(key_mask[:, None, None, :], A, xp.zeros_like(A))
+    return A / (xp.sum(A, axis=-1, keepdims=True) + eps)
+
+
+def _softmax_scores(q, k, *, causal, key_mask, scale, xp):
+    """Scaled logits with -inf at masked places, and the mask of valid places."""
+    s = xp.matmul(q, swap_last(k, xp=xp)) * scale
+    keep = None
+    if causal:
+        keep = _causal_mask(q.shape[-2], k.shape[-2], device=_device(q), xp=xp)
+    if key_mask is not None:
+        km = key_mask[:, None, None, :]
+        keep = km if keep is None else xp.logical_and(keep, km)
+    if keep is not None:
+        s = xp.where(keep, s, xp.full_like(s, -math.inf))
+    return s
+
+
+def softmax_weights(q, k, *, causal=False, key_mask=None, scale=None, xp):
+    """softmax(Q K^T * scale) with masks; a row with no valid key is all zeros."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    s = _softmax_scores(q, k, causal=causal, key_mask=key_mask, scale=scale, xp=xp)
+    mx = xp.max(s, axis=-1, keepdims=True)
+    mx = xp.where(xp.isfinite(mx), mx, xp.zeros_like(mx))
+    p = xp.exp(s - mx)
+    den = xp.sum(p, axis=-1, keepdims=True)
+    return p / xp.where(den > 0, den, xp.ones_like(den))
+
+
+def softmax_attention(q, k, v, *, causal=False, key_mask=None, scale=None, xp):
+    """Exact softmax attention, O(N L) memory; the reference linear attention approximates."""
+    dtype = q.dtype
+    cdt = compute_dtype(dtype, xp=xp)
+    q, k, v = (cast(a, cdt, xp=xp) for a in (q, k, v))
+    p = softmax_weights(q, k, causal=causal, key_mask=key_mask, scale=scale, xp=xp)
+    return cast(xp.matmul(p, v), dtype, xp=xp)

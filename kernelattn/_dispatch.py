@@ -1,0 +1,148 @@
+"""Choosing who computes an operation: a backend's fast path or the array-API core.
+
+Resolution order for an operation on arrays of namespace ``xp``:
+
+1. an explicit ``backend=`` argument: ``"agnostic"`` forces the core; an
+   adapter name must match the arrays' library (its fast path is used where it
+   has one); an unknown name is a ValueError listing the known ones;
+2. the environment switch ``KERNELATTN_DISABLE_FAST_PATHS=1`` forces the core;
+3. the built-in adapter for the namespace, when its module imports and its
+   ``supports(op, **static)`` says True (a string is its reason to decline,
+   logged at DEBUG on logger ``kernelattn.dispatch``) and it has a method
+   named ``op``;
+4. the core in :mod:`kernelattn._agnostic`.
+
+Decisions are cached on static facts only (operation, library, device type,
+dtype, and static options such as ``causal``), never on values, so dispatch
+happens once at trace time under ``jax.jit`` and ``torch.compile``.
+
+An adapter is a module ``kernelattn.backends.<name>`` exposing ``ADAPTER``,
+an object with ``name``, ``supports(op, **static)`` and, for each operation it
+accelerates, a method with the core function's signature. Modules are
+imported on first use only, so ``import kernelattn`` imports no framework.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import _compat
+from ._agnostic import attention as _attention
+
+logger = logging.getLogger("kernelattn.dispatch")
+
+#: library name -> adapter module (imported on first use)
+REGISTRY: dict[str, str] = {
+    "numpy": "kernelattn.backends.numpy",
+    "torch": "kernelattn.backends.torch",
+    "jax": "kernelattn.backends.jax",
+    "dask": "kernelattn.backends.dask",
+    "cupy": "kernelattn.backends.cupy",
+}
+
+#: operation -> the core implementation every adapter method must match
+CORE: dict[str, Callable] = {
+    "linear_attention": _attention.linear_attention,
+    "softmax_attention": _attention.softmax_attention,
+}
+
+KNOWN_BACKENDS = ("agnostic", *REGISTRY)
+DISABLE_ENV = "KERNELATTN_DISABLE_FAST_PATHS"
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What runs an operation, and why."""
+
+    op: str
+    backend: str  # "agnostic" or an adapter name
+    function: Callable
+    reason: str
+
+    def __call__(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+
+def _fast_paths_disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+@functools.lru_cache(maxsize=None)
+def load_adapter(name: str):
+    """The adapter object of backend ``name``; raises ImportError if it cannot load."""
+    module = importlib.import_module(REGISTRY[name])
+    return module.ADAPTER
+
+
+def device_type(dev) -> str:
+    """'cpu', 'cuda', ... from any library's device object (None -> 'unknown')."""
+    if dev is None:
+        return "unknown"
+    kind = getattr(dev, "type", None) or getattr(dev, "platform", None)
+    if isinstance(kind, str):
+        return kind
+    text = str(dev).lower()
+    for word in ("cuda", "gpu", "tpu", "rocm", "mps", "cpu"):
+        if word in text:
+            return word
+    return text
+
+
+def resolve(op: str, xp, *, device=None, dtype=None, backend: str | None = None, **static: Any) -> Resolution:
+    """Choose the implementation of ``op`` for arrays of namespace ``xp``.
+
+    ``static`` holds hashable options that may change the choice (``causal``,
+    ``method``, ``masked`` ...). The result is cached on these facts.
+    """
+    if op not in CORE:
+        raise ValueError(f"unknown operation {op!r}; known: {sorted(CORE)}")
+    if backend is not None and backend not in KNOWN_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {list(KNOWN_BACKENDS)}")
+    library = _compat.library_name(xp)
+    return _resolve_cached(op, library, device_type(device), str(dtype), tuple(sorted(static.items())),
+                           backend, _fast_paths_disabled())
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve_cached(op, library, dev_type, dtype, static_items, backend, disabled) -> Resolution:
+    core = CORE[op]
+    if backend == "agnostic":
+        return Resolution(op, "agnostic", core, "backend='agnostic' was requested")
+    if backend is not None and backend != library:
+        raise ValueError(f"backend={backend!r} cannot run {library} arrays; use backend={library!r} "
+                         f"(if available), backend='agnostic', or None")
+    if disabled and backend is None:
+        return Resolution(op, "agnostic", core, f"{DISABLE_ENV} is set")
+    if library not in REGISTRY:
+        return Resolution(op, "agnostic", core, f"no adapter for {library}")
+    try:
+        adapter = load_adapter(library)
+    except ImportError as exc:
+        reason = f"adapter {library!r} failed to import: {exc}"
+        if backend is not None:
+            raise ValueError(reason) from exc
+        logger.debug("%s: %s", op, reason)
+        return Resolution(op, "agnostic", core, reason)
+    answer = adapter.supports(op, device_type=dev_type, dtype=dtype, **dict(static_items))
+    if answer is not True:
+        reason = f"{library} adapter declines: {answer}"
+        if backend is not None:
+            raise ValueError(f"backend={backend!r} cannot run this call: {answer}")
+        logger.debug("%s: %s", op, reason)
+        return Resolution(op, "agnostic", core, reason)
+    fn = getattr(adapter, op, None)
+    if fn is None:
+        reason = f"{library} adapter has no fast path for {op}; the core runs"
+        logger.debug("%s: %s", op, reason)
+        return Resolution(op, "agnostic", core, reason)
+    return Resolution(op, library, fn, f"{library} fast path")
+
+
+def clear_cache() -> None:
+    """Forget cached decisions (after changing the environment switch, for instance)."""
+    _resolve_cached.cache_clear()

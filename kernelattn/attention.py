@@ -1,0 +1,317 @@
+"""Public attention functions: linear (kernelized) attention, its recurrent step, and softmax.
+
+All take (B, H, N, d) queries and (B, H, L, d) keys with (B, H, L, e) values,
+in any array library, and return the caller's array type, device and dtype.
+Validation happens here, once; the work is done by a backend fast path or the
+array-API core (see :mod:`kernelattn._dispatch`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from . import _compat, _dispatch, _validation
+from ._agnostic import attention as _core
+from ._agnostic._utils import cast, compute_dtype
+from .feature_maps import _register_pytrees, as_feature_map
+
+__all__ = [
+    "LinearAttentionState",
+    "linear_attention",
+    "linear_attention_step",
+    "linear_attention_weights",
+    "softmax_attention",
+    "softmax_attention_weights",
+]
+
+METHODS = _core.STRATEGIES
+
+
+class LinearAttentionState(NamedTuple):
+    """The running sums of causal linear attention (a pytree in JAX).
+
+    Attributes
+    ----------
+    S : array, shape (B, H, m, e)
+        Sum over seen keys of phi(k_j) v_j^T.
+    z : array, shape (B, H, m)
+        Sum over seen keys of phi(k_j).
+
+    Both are float32 when the inputs are float16/bfloat16.
+    """
+
+    S: object
+    z: object
+
+
+def _check_state(state, q, *, B, H, e):
+    if state is None:
+        return None
+    if not (isinstance(state, tuple) and len(state) == 2):
+        raise TypeError(f"state must be a LinearAttentionState (S, z); got {type(state).__name__}")
+    S, z = state
+    _validation.namespace_of(**{"q": q, "state.S": S, "state.z": z})
+    _validation.same_device(**{"q": q, "state.S": S, "state.z": z})
+    if S.ndim != 4 or S.shape[0] != B or S.shape[1] != H or S.shape[3] != e:
+        raise ValueError(f"state.S must have shape (B, H, m, e) = ({B}, {H}, m, {e}); got {tuple(S.shape)}")
+    if z.ndim != 3 or tuple(z.shape) != tuple(S.shape[:3]):
+        raise ValueError(f"state.z must have shape (B, H, m) = {tuple(S.shape[:3])}; got {tuple(z.shape)}")
+    return state
+
+
+def _static_checks(eps, chunk_size, method):
+    _validation.positive_number("eps", eps)
+    if chunk_size is not None:
+        _validation.positive_int("chunk_size", chunk_size)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}; got {method!r}")
+
+
+def linear_attention(
+    q, k, v, /, *,
+    feature_map="elu",
+    causal: bool = False,
+    key_mask=None,
+    eps: float = 1e-6,
+    chunk_size: int | None = None,
+    method: str = "auto",
+    initial_state=None,
+    return_state: bool = False,
+    backend: str | None = None,
+    xp=None,
+):
+    r"""Kernelized (linear) attention: O((N + L) m e) instead of O(N L d).
+
+    .. math::
+
+        \mathrm{out}_i = \frac{\phi(q_i)^\top S}{\phi(q_i)^\top z + \varepsilon},\quad
+        S = \sum_j \phi(k_j) v_j^\top,\quad z = \sum_j \phi(k_j)
+
+    with the sums over every valid key, or over keys j <= i when ``causal``.
+
+    Parameters
+    ----------
+    q : array, shape (B, H, N, d)
+        Queries (real floating dtype).
+    k : array, shape (B, H, L, d)
+        Keys; L may differ from N (cross-attention) unless ``causal``.
+    v : array, shape (B, H, L, e)
+        Values.
+    feature_map : FeatureMap, str, callable or (callable, callable), default "elu"
+        phi. A :class:`~kernelattn.FeatureMap` from :func:`~kernelattn.feature_map`,
+        the name of a shape-free map (``"elu"``, ``"relu"``), a callable
+        mapping (B, H, N, d) to (B, H, N, m), or a (query map, key map) pair.
+    causal : bool, default False
+        Attend only to keys j <= i (needs N = L).
+    key_mask : bool array, shape (B, L), optional
+        True for a real key, False for padding. Applied after phi: padded keys
+        never enter S or z. A query with no valid key gets zeros.
+    eps : float, default 1e-6
+        Added to the denominator.
+    chunk_size : int, optional
+        Chunk length C of the causal chunked form (default 64).
+    method : {"auto", "chunked", "naive", "recurrent"}
+        Causal strategy: ``"chunked"`` (the default, O(N) memory), ``"naive"``
+        (the masked O(N^2) product, the reference) or ``"recurrent"`` (token
+        by token). Non-causal attention uses the linear form, or the
+        quadratic one for ``"naive"``. All agree to rounding.
+    initial_state : LinearAttentionState, optional
+        Running sums (S, z) of earlier keys to continue from (causal or not).
+    return_state : bool, default False
+        Also return the state after the last key.
+    backend : str, optional
+        ``"agnostic"`` forces the array-API core; a library name (``"torch"``,
+        ``"jax"``, ...) asks for its adapter. Default: chosen automatically.
+    xp : namespace, optional
+        The arrays' namespace, if already known.
+
+    Returns
+    -------
+    out : array, shape (B, H, N, e)
+        Same library, device and dtype as ``q``.
+    state : LinearAttentionState
+        Only if ``return_state``.
+
+    Examples
+    --------
+    >>> import numpy as np, kernelattn as ka
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 4, 16, 8), dtype=np.float32)
+    >>> phi = ka.feature_map("glu", num_heads=4, head_dim=8, seed=0)
+    >>> out = ka.linear_attention(q, k, v, feature_map=phi, causal=True)
+    >>> out.shape, out.dtype
+    ((2, 4, 16, 8), dtype('float32'))
+    >>> naive = ka.linear_attention(q, k, v, feature_map=phi, causal=True, method="naive")
+    >>> bool(np.allclose(out, naive, atol=1e-5))
+    True
+    """
+    checked_xp = _validation.check_attention_inputs(q, k, v, key_mask=key_mask, causal=causal)
+    xp = checked_xp if xp is None else xp
+    _static_checks(eps, chunk_size, method)
+    phi = as_feature_map(feature_map)
+    phi.check_compatible(q, name="q")
+    phi.check_compatible(k, name="k")
+    B, H = q.shape[0], q.shape[1]
+    initial_state = _check_state(initial_state, q, B=B, H=H, e=v.shape[3])
+    if _compat.is_jax_namespace(xp):
+        _register_pytrees()
+    impl = _dispatch.resolve(
+        "linear_attention", xp, device=_validation._device_or_none(q), dtype=q.dtype, backend=backend,
+        causal=bool(causal), method=method, masked=key_mask is not None, kind=getattr(phi, "kind", "callable"),
+    )
+    out, state = impl(
+        q, k, v, feature_map=phi, causal=bool(causal), key_mask=key_mask, eps=float(eps),
+        chunk_size=64 if chunk_size is None else chunk_size, method=method,
+        initial_state=initial_state, return_state=bool(return_state), xp=xp,
+    )
+    if return_state:
+        return out, LinearAttentionState(*state)
+    return out
+
+
+def linear_attention_step(
+    q, k, v, /, *,
+    feature_map="elu",
+    state=None,
+    key_mask=None,
+    eps: float = 1e-6,
+    backend: str | None = None,
+    xp=None,
+):
+    """Decode: attend new tokens causally to everything seen so far, and update the state.
+
+    Parameters
+    ----------
+    q, k : array, shape (B, H, d) or (B, H, T, d)
+        One new token (3-D) or T new tokens (4-D).
+    v : array, shape (B, H, e) or (B, H, T, e)
+    feature_map : as in :func:`linear_attention`
+    state : LinearAttentionState, optional
+        The state after the earlier tokens (for instance from
+        ``linear_attention(..., causal=True, return_state=True)`` over a prompt);
+        None starts empty.
+    key_mask : bool array, shape (B,) or (B, T), optional
+        False marks new tokens that are padding (they do not enter the state).
+    eps : float, default 1e-6
+
+    Returns
+    -------
+    out : array, shape like ``v``
+    state : LinearAttentionState
+
+    Examples
+    --------
+    >>> import numpy as np, kernelattn as ka
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 2, 6, 4))
+    >>> full = ka.linear_attention(q, k, v, causal=True)
+    >>> state, outs = None, []
+    >>> for t in range(6):
+    ...     o, state = ka.linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], state=state)
+    ...     outs.append(o)
+    >>> bool(np.allclose(np.stack(outs, axis=2), full))
+    True
+    """
+    single = getattr(q, "ndim", None) == 3
+    if single:
+        for name, a in (("k", k), ("v", v)):
+            if getattr(a, "ndim", None) != 3:
+                raise ValueError(f"q is one token (B, H, d), so {name} must be (B, H, ·) too; "
+                                 f"got shape {tuple(getattr(a, 'shape', ()))}")
+        q, k, v = q[:, :, None, :], k[:, :, None, :], v[:, :, None, :]
+        if key_mask is not None and getattr(key_mask, "ndim", None) == 1:
+            key_mask = key_mask[:, None]
+    out, new_state = linear_attention(
+        q, k, v, feature_map=feature_map, causal=True, key_mask=key_mask, eps=eps,
+        initial_state=state, return_state=True, backend=backend, xp=xp,
+    )
+    if single:
+        out = out[:, :, 0, :]
+    return out, new_state
+
+
+def softmax_attention(
+    q, k, v, /, *,
+    causal: bool = False,
+    key_mask=None,
+    scale: float | None = None,
+    backend: str | None = None,
+    xp=None,
+):
+    """Exact softmax attention, ``softmax(Q K^T * scale) V``: the O(N L) reference.
+
+    Parameters
+    ----------
+    q : array, shape (B, H, N, d)
+    k : array, shape (B, H, L, d)
+    v : array, shape (B, H, L, e)
+    causal : bool, default False
+        Mask keys j > i (needs N = L).
+    key_mask : bool array, shape (B, L), optional
+        True for a real key. A query with no valid key gets zeros.
+    scale : float, optional
+        Default 1 / sqrt(d).
+
+    Returns
+    -------
+    array, shape (B, H, N, e)
+        Same library, device and dtype as ``q``.
+
+    Examples
+    --------
+    >>> import numpy as np, kernelattn as ka
+    >>> q = k = v = np.eye(4)[None, None]
+    >>> ka.softmax_attention(q, k, v, causal=True)[0, 0, 0]
+    array([1., 0., 0., 0.])
+    """
+    xp = _validation.check_attention_inputs(q, k, v, key_mask=key_mask, causal=causal)
+    if scale is not None:
+        _validation.positive_number("scale", scale)
+    impl = _dispatch.resolve("softmax_attention", xp, device=_validation._device_or_none(q), dtype=q.dtype,
+                             backend=backend, causal=bool(causal), masked=key_mask is not None)
+    return impl(q, k, v, causal=bool(causal), key_mask=key_mask, scale=scale, xp=xp)
+
+
+def softmax_attention_weights(q, k, /, *, causal: bool = False, key_mask=None, scale: float | None = None):
+    """The (B, H, N, L) softmax attention matrix (rows sum to 1, or 0 where nothing is valid).
+
+    Parameters
+    ----------
+    q : array, shape (B, H, N, d)
+    k : array, shape (B, H, L, d)
+    causal, key_mask, scale : as in :func:`softmax_attention`
+
+    Returns
+    -------
+    array, shape (B, H, N, L), in the dtype of ``q``
+    """
+    xp = _validation.check_attention_inputs(q, k, k, key_mask=key_mask, causal=causal)
+    cdt = compute_dtype(q.dtype, xp=xp)
+    w = _core.softmax_weights(cast(q, cdt, xp=xp), cast(k, cdt, xp=xp), causal=causal,
+                              key_mask=key_mask, scale=scale, xp=xp)
+    return cast(w, q.dtype, xp=xp)
+
+
+def linear_attention_weights(q, k, /, *, feature_map="elu", causal: bool = False, key_mask=None,
+                             eps: float = 1e-6):
+    """The (B, H, N, L) attention matrix linear attention implies (O(N L); for inspection).
+
+    Row i is ``phi(q_i) . phi(k_j) / (sum_j phi(q_i) . phi(k_j) + eps)``.
+
+    Parameters
+    ----------
+    q : array, shape (B, H, N, d)
+    k : array, shape (B, H, L, d)
+    feature_map, causal, key_mask, eps : as in :func:`linear_attention`
+
+    Returns
+    -------
+    array, shape (B, H, N, L), in the dtype of ``q``
+    """
+    xp = _validation.check_attention_inputs(q, k, k, key_mask=key_mask, causal=causal)
+    _validation.positive_number("eps", eps)
+    phi = as_feature_map(feature_map)
+    phi.check_compatible(q, name="q")
+    cdt = compute_dtype(q.dtype, xp=xp)
+    fq = phi.apply(cast(q, cdt, xp=xp), role="query", xp=xp)
+    fk = phi.apply(cast(k, cdt, xp=xp), role="key", xp=xp)
+    w = _core.attention_weights(fq, fk, causal=causal, key_mask=key_mask, eps=eps, xp=xp)
+    return cast(w, q.dtype, xp=xp)

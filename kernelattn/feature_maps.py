@@ -1,0 +1,504 @@
+"""Feature maps: the paper's trainable feedforward kernels and fixed maps to compare with.
+
+A :class:`FeatureMap` is a callable ``phi(x)`` mapping (B, H, N, d) to
+(B, H, N, m), head by head. It holds a static description (:class:`FeatureMapSpec`)
+and a tree of parameters in the caller's array library; torch autograd and JAX
+transformations see through it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, replace as _dc_replace
+
+import numpy as np
+
+from . import _compat, _convert, _tree, _validation
+from ._agnostic import feature_maps as _core
+from ._agnostic._utils import cast, compute_dtype
+
+__all__ = [
+    "FeatureMap",
+    "FeatureMapSpec",
+    "KINDS",
+    "feature_map",
+    "num_params",
+    "orthogonality_penalty",
+]
+
+#: Feature-map kinds and what they are.
+KINDS = {
+    "ffn": "Softplus(x W): the paper's feedforward kernel",
+    "glu": "f(x W) * sigmoid(x G): the paper's gated linear unit (OGLU)",
+    "aoglu": "f(x W) * sigmoid((x A) B): GLU with a rank-r gate",
+    "hedgehog": "[softmax(x W), softmax(-x W)]: Hedgehog (Zhang et al. 2024)",
+    "elu": "elu(x) + 1: the Linear Transformer's map (Katharopoulos et al. 2020)",
+    "relu": "max(x, 0)",
+    "favor": "Performer's positive orthogonal random features (FAVOR+)",
+}
+_STACKABLE = ("ffn", "glu", "aoglu")
+_NEEDS_SHAPE = ("ffn", "glu", "aoglu", "hedgehog", "favor")
+_ROLES = ("query", "key")
+
+
+@dataclass(frozen=True)
+class FeatureMapSpec:
+    """Static description of a feature map (hashable; JAX keeps it as aux data).
+
+    Attributes
+    ----------
+    kind : str
+        One of :data:`KINDS`.
+    num_heads, head_dim : int or None
+        H and d the map was built for (None for shape-free maps such as ``"elu"``).
+    feature_dim : int or None
+        m, the output width.
+    depth : int
+        Number of stacked blocks (ffn, glu, aoglu).
+    rank : int or None
+        Gate rank r of ``"aoglu"``.
+    bias : bool
+        Whether blocks carry biases.
+    tied : bool
+        Whether queries and keys share one map (the paper's default).
+    """
+
+    kind: str
+    num_heads: int | None = None
+    head_dim: int | None = None
+    feature_dim: int | None = None
+    depth: int = 1
+    rank: int | None = None
+    bias: bool = False
+    tied: bool = True
+
+
+class FeatureMap:
+    """A head-wise feature map with its parameters; build one with :func:`feature_map`.
+
+    Calling ``phi(x)`` applies the query map (the only map when tied);
+    ``phi.key(x)`` applies the key map. ``phi.params`` is a dict of lists of
+    block dicts: ``{"shared": [...]}`` when tied, ``{"query": [...], "key":
+    [...]}`` otherwise; each block holds arrays named ``W`` (H, d_in, d_out),
+    ``G``, ``A`` (H, d_in, r), ``B`` (H, r, d_out), ``b`` and ``c`` (H, d_out).
+    ``phi.buffers`` holds fixed arrays (FAVOR+'s projection ``omega`` (H, d, m)).
+    """
+
+    __slots__ = ("spec", "params", "buffers")
+
+    def __init__(self, spec: FeatureMapSpec, params=None, buffers=None):
+        self.spec = spec
+        self.params = {} if params is None else params
+        self.buffers = {} if buffers is None else buffers
+        _register_pytrees()
+
+    # -- static facts -------------------------------------------------------
+    kind = property(lambda self: self.spec.kind)
+    num_heads = property(lambda self: self.spec.num_heads)
+    head_dim = property(lambda self: self.spec.head_dim)
+    feature_dim = property(lambda self: self.spec.feature_dim)
+    depth = property(lambda self: self.spec.depth)
+    tied = property(lambda self: self.spec.tied)
+
+    def blocks(self, role: str = "query") -> list:
+        """The parameter blocks applied to ``role`` (``"query"`` or ``"key"``)."""
+        if role not in _ROLES:
+            raise ValueError(f"role must be 'query' or 'key'; got {role!r}")
+        if "shared" in self.params:
+            return self.params["shared"]
+        return self.params.get(role, [])
+
+    def parameters(self) -> list:
+        """The trainable arrays, in a fixed order."""
+        return _tree.leaves(self.params)
+
+    def main_weights(self) -> list:
+        """The main weights ``W`` of every block (those the orthogonality penalty sees)."""
+        return [block["W"] for role in sorted(self.params) for block in self.params[role]]
+
+    # -- applying -------------------------------------------------------------
+    def apply(self, x, *, role: str, xp):
+        """Core entry: ``x`` (B, H, N, d) already in the compute dtype; no checks."""
+        return _core.apply(x, kind=self.kind, blocks=self.blocks(role), buffers=self.buffers, xp=xp)
+
+    def __call__(self, x, /):
+        """Apply the (query) map to ``x`` of shape (B, H, N, d); returns (B, H, N, m) in x's dtype."""
+        return self._call(x, "query")
+
+    def query(self, x, /):
+        """Apply the query map to ``x`` (B, H, N, d)."""
+        return self._call(x, "query")
+
+    def key(self, x, /):
+        """Apply the key map to ``x`` (B, H, N, d)."""
+        return self._call(x, "key")
+
+    def _call(self, x, role):
+        xp = _validation.namespace_of(x=x)
+        _validation.check_ndim("x", x, 4, "(B, H, N, d)")
+        _validation.real_floating(xp, "x", x)
+        self.check_compatible(x, name="x")
+        cdt = compute_dtype(x.dtype, xp=xp)
+        return cast(self.apply(cast(x, cdt, xp=xp), role=role, xp=xp), x.dtype, xp=xp)
+
+    def check_compatible(self, x, *, name: str = "q") -> None:
+        """Raise a clear error if ``x`` (B, H, N, d) does not fit this map."""
+        H, d = x.shape[1], x.shape[3]
+        if self.num_heads is not None and H != self.num_heads:
+            raise ValueError(f"feature map {self.kind!r} was built for num_heads={self.num_heads}, "
+                             f"but {name} has {H} heads (shape {tuple(x.shape)})")
+        if self.head_dim is not None and d != self.head_dim:
+            raise ValueError(f"feature map {self.kind!r} was built for head_dim={self.head_dim}, "
+                             f"but {name} has d={d} (shape {tuple(x.shape)})")
+        arrays = _tree.leaves(self.params) + _tree.leaves(self.buffers)
+        if not arrays:
+            return
+        lib_x = _compat.library_name(_compat.array_namespace(x))
+        lib_p = _compat.library_name(_compat.array_namespace(arrays[0]))
+        if lib_x != lib_p:
+            raise TypeError(f"feature map parameters are {lib_p} arrays but {name} is a {lib_x} "
+                            f"array; build the map with like={name} or convert it with "
+                            f"phi.to(like={name})")
+        _validation.same_device(**{name: x, "feature map parameters": arrays[0]})
+
+    # -- functional updates ---------------------------------------------------
+    def replace(self, *, params=None, buffers=None) -> "FeatureMap":
+        """A copy with new ``params`` and/or ``buffers`` (same structure)."""
+        return FeatureMap(self.spec, self.params if params is None else params,
+                          self.buffers if buffers is None else buffers)
+
+    def to(self, *, like=None, xp=None, device=None, dtype=None) -> "FeatureMap":
+        """A copy with every array moved to another library, device or dtype."""
+        xp, device, dtype = _placement(like, xp, device, dtype)
+
+        def move(a):
+            return _convert.from_numpy(_convert.to_numpy(a), xp=xp, device=device, dtype=dtype)
+
+        return FeatureMap(self.spec, _tree.tree_map(move, self.params), _tree.tree_map(move, self.buffers))
+
+    def __repr__(self):
+        s = self.spec
+        parts = [f"kind={s.kind!r}"]
+        if s.num_heads is not None:
+            parts += [f"num_heads={s.num_heads}", f"head_dim={s.head_dim}", f"feature_dim={s.feature_dim}"]
+        if s.kind in _STACKABLE:
+            parts.append(f"depth={s.depth}")
+        if s.kind == "aoglu":
+            parts.append(f"rank={s.rank}")
+        if s.bias:
+            parts.append("bias=True")
+        if not s.tied:
+            parts.append("tied=False")
+        arrays = _tree.leaves(self.params) + _tree.leaves(self.buffers)
+        if arrays:
+            a = arrays[0]
+            lib = _compat.library_name(_compat.array_namespace(a))
+            parts.append(f"params={num_params(self):,} ({lib}, {a.dtype})")
+        return f"FeatureMap({', '.join(parts)})"
+
+
+class CallableFeatureMap:
+    """Wraps user callables (one, or a (query, key) pair) to the core's interface."""
+
+    __slots__ = ("query_fn", "key_fn")
+    kind = "callable"
+    num_heads = head_dim = feature_dim = None
+
+    def __init__(self, query_fn, key_fn=None):
+        self.query_fn = query_fn
+        self.key_fn = query_fn if key_fn is None else key_fn
+
+    def apply(self, x, *, role, xp):
+        return (self.query_fn if role == "query" else self.key_fn)(x)
+
+    def check_compatible(self, x, *, name="q"):
+        return None
+
+
+def as_feature_map(feature_map):
+    """Normalise what ``linear_attention(feature_map=...)`` accepts to a map object."""
+    if isinstance(feature_map, (FeatureMap, CallableFeatureMap)):
+        return feature_map
+    if isinstance(feature_map, str):
+        if feature_map in ("elu", "relu"):
+            return _SHAPE_FREE[feature_map]
+        if feature_map in KINDS:
+            raise ValueError(f"feature_map={feature_map!r} has parameters; build it first with "
+                             f"ka.feature_map({feature_map!r}, num_heads=H, head_dim=d, seed=...)")
+        raise ValueError(f"unknown feature map {feature_map!r}; expected one of {sorted(KINDS)}, "
+                         f"a FeatureMap, or a callable")
+    if isinstance(feature_map, tuple) and len(feature_map) == 2 and all(map(callable, feature_map)):
+        return CallableFeatureMap(*feature_map)
+    if hasattr(feature_map, "as_feature_map"):  # framework modules (torch, flax)
+        return feature_map.as_feature_map()
+    if callable(feature_map):
+        return CallableFeatureMap(feature_map)
+    raise TypeError(f"feature_map must be a FeatureMap, a kind name, a callable or a "
+                    f"(query, key) pair of callables; got {type(feature_map).__name__}")
+
+
+# ---------------------------------------------------------------------------
+# construction
+
+
+def _placement(like, xp, device, dtype):
+    """Resolve (namespace, device, dtype) from ``like`` and explicit overrides."""
+    if like is not None:
+        lxp = _validation.namespace_of(like=like)
+        xp = lxp if xp is None else xp
+        if device is None:
+            device = _compat.device(like)
+        if dtype is None and lxp.isdtype(like.dtype, "real floating"):
+            dtype = like.dtype
+    if xp is None:
+        xp = _compat.numpy_namespace()
+    elif not hasattr(xp, "asarray"):
+        raise TypeError(f"xp must be an array namespace; got {xp!r}")
+    else:
+        xp = _compat.array_namespace(xp.asarray(0.0))  # e.g. plain numpy -> its array-API wrapper
+    if isinstance(dtype, str):
+        if not hasattr(xp, dtype):
+            raise ValueError(f"dtype {dtype!r} is not a dtype of {_compat.library_name(xp)}")
+        dtype = getattr(xp, dtype)
+    if dtype is None:
+        dtype = xp.float32
+    if not xp.isdtype(dtype, "real floating"):
+        raise TypeError(f"dtype must be a real floating dtype; got {dtype}")
+    return xp, device, dtype
+
+
+def _rng(seed) -> np.random.Generator:
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is None or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)):
+        return np.random.default_rng(seed)
+    raise TypeError(f"seed must be an int, a numpy.random.Generator or None; got {type(seed).__name__}")
+
+
+def _orthogonal(rng, heads, d_in, d_out):
+    """Per-head (semi-)orthogonal (heads, d_in, d_out): Q of a Gaussian's QR, signs fixed."""
+    out = np.empty((heads, d_in, d_out))
+    for h in range(heads):
+        a = rng.standard_normal((max(d_in, d_out), min(d_in, d_out)))
+        q, r = np.linalg.qr(a)
+        q = q * np.sign(np.diag(r))
+        out[h] = q if d_in >= d_out else q.T
+    return out
+
+
+def _he_normal(rng, shape, fan_in):
+    return rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)
+
+
+def _favor_projection(rng, heads, d, m):
+    """Orthogonal random features: blocks of d orthogonal rows, rows scaled to chi(d) norms."""
+    out = np.empty((heads, d, m))
+    for h in range(heads):
+        blocks = []
+        for _ in range(-(-m // d)):
+            q, _r = np.linalg.qr(rng.standard_normal((d, d)))
+            blocks.append(q.T)
+        w = np.concatenate(blocks, axis=0)[:m]  # (m, d) orthonormal rows
+        norms = np.linalg.norm(rng.standard_normal((m, d)), axis=1)
+        out[h] = (w * norms[:, None]).T
+    return out
+
+
+def _init_blocks(rng, spec: FeatureMapSpec) -> list:
+    H, d, m = spec.num_heads, spec.head_dim, spec.feature_dim
+    if spec.kind == "hedgehog":
+        block = {"W": np.broadcast_to(np.eye(d, m // 2), (H, d, m // 2)).copy()}
+        if spec.bias:
+            block["b"] = np.zeros((H, m // 2))
+        return [block]
+    blocks = []
+    for i in range(spec.depth):
+        d_in = d if i == 0 else m
+        block = {"W": _orthogonal(rng, H, d_in, m)}
+        if spec.kind == "glu":
+            block["G"] = _he_normal(rng, (H, d_in, m), d_in)
+        elif spec.kind == "aoglu":
+            block["A"] = _he_normal(rng, (H, d_in, spec.rank), d_in)
+            block["B"] = _he_normal(rng, (H, spec.rank, m), spec.rank)
+        if spec.bias:
+            block["b"] = np.zeros((H, m))
+            if spec.kind != "ffn":
+                block["c"] = np.zeros((H, m))
+        blocks.append(block)
+    return blocks
+
+
+def feature_map(
+    kind: str,
+    *,
+    num_heads: int | None = None,
+    head_dim: int | None = None,
+    feature_dim: int | None = None,
+    depth: int = 1,
+    rank: int | None = None,
+    bias: bool = False,
+    tied: bool = True,
+    seed=None,
+    like=None,
+    xp=None,
+    device=None,
+    dtype=None,
+) -> FeatureMap:
+    """Build a head-wise feature map phi: (B, H, N, d) -> (B, H, N, m).
+
+    Parameters
+    ----------
+    kind : {"ffn", "glu", "aoglu", "hedgehog", "elu", "relu", "favor"}
+        The map (see :data:`KINDS`). ``ffn``, ``glu`` and ``aoglu`` are the
+        paper's trainable kernels; ``hedgehog`` is trainable too; ``elu``,
+        ``relu`` and ``favor`` are fixed.
+    num_heads, head_dim : int
+        H and d. Required except for ``"elu"`` and ``"relu"``.
+    feature_dim : int, optional
+        m. Default d (2d for ``"hedgehog"``, which must be even).
+    depth : int, default 1
+        Blocks stacked for ffn / glu / aoglu (the first d -> m, then m -> m);
+        only the last carries Softplus.
+    rank : int, optional
+        Gate rank of ``"aoglu"``; default max(1, d // 4).
+    bias : bool, default False
+        Add a bias to every block (and to GLU gates).
+    tied : bool, default True
+        One map for queries and keys (the paper's choice) or two independent ones.
+    seed : int, numpy.random.Generator or None
+        Source of the initial weights, drawn in NumPy so that a seed gives the
+        same map on every backend. Main weights are orthogonal per head, gates
+        He-normal, biases zero; FAVOR+ draws orthogonal random features.
+    like : array, optional
+        Place parameters in this array's library, on its device, in its dtype.
+    xp, device, dtype : optional
+        Override the namespace, device or dtype (default NumPy, float32).
+
+    Returns
+    -------
+    FeatureMap
+
+    Examples
+    --------
+    >>> import numpy as np, kernelattn as ka
+    >>> x = np.ones((2, 8, 5, 64), dtype=np.float32)
+    >>> phi = ka.feature_map("glu", num_heads=8, head_dim=64, seed=0, like=x)
+    >>> phi(x).shape, ka.num_params(phi)
+    ((2, 8, 5, 64), 65536)
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown feature-map kind {kind!r}; expected one of {sorted(KINDS)}")
+    _validation.positive_int("depth", depth)
+    if depth != 1 and kind not in _STACKABLE:
+        raise ValueError(f"depth applies to {_STACKABLE}; {kind!r} has one block, got depth={depth}")
+    if kind in _NEEDS_SHAPE:
+        if num_heads is None or head_dim is None:
+            raise ValueError(f"feature map {kind!r} needs num_heads and head_dim")
+    for name, value in (("num_heads", num_heads), ("head_dim", head_dim), ("feature_dim", feature_dim)):
+        if value is not None:
+            _validation.positive_int(name, value)
+    if kind in ("elu", "relu") and feature_dim is not None and feature_dim != head_dim:
+        raise ValueError(f"{kind!r} keeps the width (m = d); got feature_dim={feature_dim}")
+    if feature_dim is None and head_dim is not None:
+        feature_dim = 2 * head_dim if kind == "hedgehog" else head_dim
+    if kind == "hedgehog" and feature_dim % 2:
+        raise ValueError(f"hedgehog's feature_dim must be even ([softmax(y), softmax(-y)]); got {feature_dim}")
+    if kind == "aoglu":
+        rank = max(1, head_dim // 4) if rank is None else rank
+        _validation.positive_int("rank", rank)
+    elif rank is not None:
+        raise ValueError(f"rank applies to 'aoglu' only; got rank={rank} for {kind!r}")
+    if kind not in ("ffn", "glu", "aoglu", "hedgehog"):
+        if bias:
+            raise ValueError(f"{kind!r} has no weights, so no bias")
+        if not tied:
+            raise ValueError(f"{kind!r} is a fixed map; tied=False applies to trainable kernels")
+    spec = FeatureMapSpec(kind, num_heads, head_dim, feature_dim, depth, rank, bool(bias), bool(tied))
+
+    xp, device, dtype = _placement(like, xp, device, dtype)
+    rng = _rng(seed)
+    params, buffers = {}, {}
+    if kind in ("ffn", "glu", "aoglu", "hedgehog"):
+        if tied:
+            params = {"shared": _init_blocks(rng, spec)}
+        else:
+            params = {"query": _init_blocks(rng, spec), "key": _init_blocks(rng, spec)}
+    elif kind == "favor":
+        buffers = {"omega": _favor_projection(rng, num_heads, head_dim, feature_dim)}
+
+    def put(a):
+        return _convert.from_numpy(a, xp=xp, device=device, dtype=dtype)
+
+    return FeatureMap(spec, _tree.tree_map(put, params), _tree.tree_map(put, buffers))
+
+
+def num_params(phi) -> int:
+    """Number of trainable scalars of a feature map (0 for fixed maps).
+
+    Examples
+    --------
+    >>> import kernelattn as ka
+    >>> ka.num_params(ka.feature_map("aoglu", num_heads=8, head_dim=64, depth=3, seed=0))
+    147456
+    """
+    if hasattr(phi, "as_feature_map"):
+        phi = phi.as_feature_map()
+    if not isinstance(phi, FeatureMap):
+        raise TypeError(f"num_params expects a FeatureMap; got {type(phi).__name__}")
+    return sum(math.prod(a.shape) for a in phi.parameters())
+
+
+def orthogonality_penalty(phi, *, weight: float = 1.0):
+    """The paper's regulariser: ``weight * sum_blocks mean_{h,i,j} ((W_h W_h^T - I)_{ij})^2``.
+
+    Only main weights ``W`` enter (gates do not). A 0-d array in the
+    parameters' library, differentiable by torch and JAX; ``0.0`` for maps
+    without weights. The authors add it once per phi call (twice per layer,
+    for the query and the key pass); that choice is the caller's.
+
+    Examples
+    --------
+    >>> import kernelattn as ka
+    >>> phi = ka.feature_map("glu", num_heads=2, head_dim=8, seed=0)
+    >>> float(ka.orthogonality_penalty(phi)) < 1e-10   # orthogonal at init
+    True
+    """
+    if hasattr(phi, "as_feature_map"):
+        phi = phi.as_feature_map()
+    if not isinstance(phi, FeatureMap):
+        raise TypeError(f"orthogonality_penalty expects a FeatureMap; got {type(phi).__name__}")
+    weights = phi.main_weights()
+    if not weights:
+        return 0.0
+    xp = _compat.array_namespace(*weights)
+    return weight * _core.orthogonality_penalty(weights, xp=xp)
+
+
+# ---------------------------------------------------------------------------
+# JAX pytree registration, without importing JAX ourselves
+
+_PYTREES_REGISTERED = False
+
+
+def _register_pytrees() -> None:
+    """Register FeatureMap as a JAX pytree once JAX has been imported by someone."""
+    global _PYTREES_REGISTERED
+    if _PYTREES_REGISTERED or "jax" not in sys.modules:
+        return
+    import jax
+
+    def flatten(phi):
+        return (phi.params, phi.buffers), phi.spec
+
+    def unflatten(spec, children):
+        phi = object.__new__(FeatureMap)
+        phi.spec = spec
+        phi.params, phi.buffers = children
+        return phi
+
+    _PYTREES_REGISTERED = True
+    jax.tree_util.register_pytree_node(FeatureMap, flatten, unflatten)
+
+
+_SHAPE_FREE = {k: FeatureMap(FeatureMapSpec(k)) for k in ("elu", "relu")}
