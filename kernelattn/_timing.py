@@ -1,0 +1,74 @@
+"""Timing helpers shared by the command line and the benchmark script.
+
+Times are medians of repeated calls after a warm-up call, with each library's
+asynchronous work completed inside the timed region.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+from . import _compat
+
+
+def block(x):
+    """Wait until ``x`` (any supported array, or a tuple of them) is computed."""
+    if isinstance(x, tuple):
+        for item in x:
+            block(item)
+        return x
+    if not _compat.is_array_api_obj(x):
+        return x
+    lib = _compat.library_name(_compat.array_namespace(x))
+    if lib == "jax":
+        x.block_until_ready()
+    elif lib == "torch" and x.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(x.device)
+    elif lib == "cupy":
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()
+    elif lib == "dask":
+        x = x.compute()
+    return x
+
+
+def median_time(fn, *, repeats: int = 3, warmup: int = 1, budget: float | None = None) -> float:
+    """Median wall time of ``fn()`` in seconds (stops early past ``budget`` seconds)."""
+    for _ in range(warmup):
+        block(fn())
+    times = []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        block(fn())
+        times.append(time.perf_counter() - t0)
+        if budget is not None and time.perf_counter() - start > budget:
+            break
+    return statistics.median(times)
+
+
+def crossover(sizes, slow, fast):
+    """Smallest N from which ``fast`` stays faster than ``slow`` (log-log interpolated).
+
+    ``slow`` and ``fast`` are times per size (None where not measured). Returns
+    ``(n, exact)``: ``n`` None if ``fast`` never wins; ``exact`` False when it
+    already wins at the first size (so the crossover is at most that size).
+    """
+    pairs = [(n, s, f) for n, s, f in zip(sizes, slow, fast) if s is not None and f is not None]
+    if not pairs:
+        return None, False
+    wins = [f < s for _, s, f in pairs]
+    if all(wins):
+        return pairs[0][0], False
+    if not wins[-1]:
+        return None, True
+    i = max(j for j, w in enumerate(wins) if not w)  # last loss; it wins from i + 1 on
+    (n0, s0, f0), (n1, s1, f1) = pairs[i], pairs[i + 1]
+    r0, r1 = math.log(f0 / s0), math.log(f1 / s1)  # log ratio crosses 0 between n0 and n1
+    t = r0 / (r0 - r1)
+    return int(round(math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0))))), True

@@ -1,0 +1,142 @@
+"""Dispatch: resolution order, overrides, the environment switch, caching, and
+import hygiene (``import kernelattn`` imports no framework)."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import kernelattn as ka
+from kernelattn import _dispatch
+from kernelattn.backends._base import Adapter
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+X = np.ones((1, 2, 3, 4), np.float32)
+
+
+def test_import_kernelattn_imports_no_framework():
+    code = ("import sys, kernelattn, kernelattn.backends, kernelattn.testing; "
+            "bad = [m for m in ('torch', 'jax', 'cupy', 'dask', 'array_api_strict') if m in sys.modules]; "
+            "print(','.join(bad)); sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT / "tests")
+    assert res.returncode == 0, f"frameworks imported: {res.stdout} {res.stderr}"
+
+
+def test_core_has_no_framework_imports():
+    pattern = re.compile(r"^\s*(import|from)\s+(numpy|torch|jax|cupy|dask)\b", re.M)
+    for path in (ROOT / "kernelattn" / "_agnostic").glob("*.py"):
+        assert not pattern.search(path.read_text()), f"framework import in {path}"
+
+
+def test_numpy_call_goes_to_the_numpy_adapter_then_core():
+    res = ka.explain_dispatch("linear_attention", X, causal=True, method="auto", masked=False, kind="glu")
+    # the numpy adapter exists but has no fast path yet: the core runs, and says why
+    assert res.backend == "agnostic"
+    assert "numpy" in res.reason
+
+
+def test_agnostic_forces_core_and_unknown_names_list_known():
+    assert ka.explain_dispatch("linear_attention", X, backend="agnostic").backend == "agnostic"
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda'.*'agnostic'.*'torch'"):
+        ka.explain_dispatch("linear_attention", X, backend="cuda")
+    with pytest.raises(ValueError, match="unknown operation"):
+        ka.explain_dispatch("conv", X)
+
+
+class _Loopback(Adapter):
+    """A test adapter that forwards to the core and counts calls."""
+
+    name = library = "numpy"
+
+    def __init__(self, answer=True):
+        self.calls = 0
+        self.answer = answer
+
+    def supports(self, op, **static):
+        return self.answer if not static.get("causal") else "causal is not supported here"
+
+    def linear_attention(self, q, k, v, **kw):
+        self.calls += 1
+        return _dispatch.CORE["linear_attention"](q, k, v, **kw)
+
+
+@pytest.fixture
+def loopback(monkeypatch):
+    adapter = _Loopback()
+    monkeypatch.setattr(_dispatch, "load_adapter", lambda name: adapter)
+    _dispatch.clear_cache()
+    yield adapter
+    _dispatch.clear_cache()
+
+
+def test_adapter_is_used_when_it_supports_the_call(loopback):
+    out = ka.linear_attention(X, X, X)
+    assert loopback.calls == 1
+    np.testing.assert_allclose(out, ka.linear_attention(X, X, X, backend="agnostic"))
+    assert loopback.calls == 1  # agnostic did not go through the adapter
+
+
+def test_declined_call_falls_back_with_a_logged_reason(loopback, caplog):
+    with caplog.at_level(logging.DEBUG, logger="kernelattn.dispatch"):
+        ka.linear_attention(X, X, X, causal=True)
+    assert loopback.calls == 0
+    assert "causal is not supported here" in caplog.text
+    with pytest.raises(ValueError, match="causal is not supported here"):
+        ka.linear_attention(X, X, X, causal=True, backend="numpy")
+
+
+def test_environment_switch_disables_fast_paths(loopback, monkeypatch):
+    monkeypatch.setenv(_dispatch.DISABLE_ENV, "1")
+    ka.linear_attention(X, X, X)
+    assert loopback.calls == 0
+    monkeypatch.setenv(_dispatch.DISABLE_ENV, "0")
+    ka.linear_attention(X, X, X)
+    assert loopback.calls == 1
+
+
+def test_decisions_are_cached_on_static_facts(loopback, monkeypatch):
+    seen = []
+    real = loopback.supports
+    monkeypatch.setattr(loopback, "supports", lambda op, **st: seen.append(st) or real(op, **st))
+    for scale in (1.0, 2.0, 3.0):  # values change, static facts do not
+        ka.linear_attention(X * scale, X, X)
+    assert len(seen) == 1
+    ka.linear_attention(X.astype(np.float64), X.astype(np.float64), X.astype(np.float64))
+    assert len(seen) == 2
+
+
+def test_adapters_load_lazily_and_route_to_core():
+    for name in ("numpy", "torch", "jax", "dask", "cupy"):
+        adapter = _dispatch.load_adapter(name)
+        assert adapter.name == name
+        assert "adapter" in repr(adapter)
+
+
+def test_broken_adapter_module_falls_back(monkeypatch, caplog):
+    def boom(name):
+        raise ImportError("simulated")
+
+    monkeypatch.setattr(_dispatch, "load_adapter", boom)
+    _dispatch.clear_cache()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="kernelattn.dispatch"):
+            out = ka.linear_attention(X, X, X)
+        assert out.shape == X.shape and "simulated" in caplog.text
+        with pytest.raises(ValueError, match="failed to import"):
+            ka.linear_attention(X, X, X, backend="numpy")
+    finally:
+        _dispatch.clear_cache()
+
+
+def test_public_api_is_stable():
+    assert ka.__all__ == sorted(ka.__all__)
+    for name in ka.__all__:
+        assert hasattr(ka, name)
+    assert {"feature_map", "linear_attention", "softmax_attention", "num_params",
+            "orthogonality_penalty", "linear_attention_step"} <= set(ka.__all__)
