@@ -1,0 +1,11 @@
+"""Subcommands of ``python -m kernelattn``: one module each, imported only when run.
+
+A command module defines ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``.
+"""
+
+#: command name -> module under kernelattn.commands
+COMMANDS = {
+    "compare": "compare",
+}
+DEFAULT = "compare"
