@@ -7,5 +7,6 @@ A command module defines ``HELP`` (one line), ``add_arguments(parser)`` and
 #: command name -> module under kernelattn.commands
 COMMANDS = {
     "compare": "compare",
+    "bench": "bench",
 }
 DEFAULT = "compare"
