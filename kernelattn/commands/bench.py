@@ -179,6 +179,8 @@ def run(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(report + "\n")
+    with open(os.path.join(args.out, "bench.rst"), "w") as f:
+        f.write(_report_rst(results, sizes, args, machine, _versions(names)))
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump({"machine": machine, "versions": _versions(names), "sizes": sizes, "kernel": args.kernel,
                    "results": results}, f, indent=1)
@@ -186,7 +188,7 @@ def run(args) -> int:
         path = _plot(results, sizes, args, machine)
         if path:
             print(f"\nplot written to {path}")
-    print(f"table and raw times written to {os.path.join(args.out, 'bench.md')} and bench.json")
+    print(f"table and raw times written to {os.path.join(args.out, 'bench.md')}, bench.rst and bench.json")
     return 0
 
 
@@ -233,6 +235,37 @@ def _report(results, sizes, args, machine, versions):
     lines.append("x softmax: softmax time / path time (above 1 = faster than softmax); "
                  "x F: path time / time of its matrix products alone.")
     return "\n".join(lines)
+
+
+def _report_rst(results, sizes, args, machine, versions):
+    """The same tables as reST list-tables, for the docs."""
+    out = [f"Measured on {machine['cpu']} ({machine['cores']} cores), {machine['date']}: {args.kernel} kernel, "
+           f"B=1, H={args.heads}, d=m={args.head_dim}, float32; "
+           + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".", ""]
+    for lib, res in results.items():
+        times = res["times"]
+        paths = ["non-causal", "causal"] + (["non-causal agnostic", "causal agnostic"] if res["has_fast"] else [])
+        out += [f".. list-table:: {lib} (softmax = {res['softmax_name']}); cells: time (x softmax, x floor F)",
+                "   :header-rows: 1", "", "   * - N", "     - softmax non-causal", "     - softmax causal",
+                "     - floor F"] + [f"     - {p}" for p in paths]
+        for i, n in enumerate(sizes):
+            sm_nc, sm_c = times["softmax"][i]
+            F = times["floor"][i]
+            out += [f"   * - {n}", f"     - {_fmt(sm_nc)}", f"     - {_fmt(sm_c)}", f"     - {_fmt(F)}"]
+            for p in paths:
+                tp = times[p][i]
+                sm = sm_c if p.startswith("causal") else sm_nc
+                cell = "–" if tp is None else f"{_fmt(tp)} ({'x%.2f' % (sm / tp) if sm else '–'}, x{tp / F:.1f})"
+                out.append(f"     - {cell}")
+        out.append("")
+        for p in paths:
+            sm = [s[1] if p.startswith("causal") else s[0] for s in times["softmax"]]
+            n, exact = crossover(sizes, sm, times[p])
+            text = (f"not reached up to N={sizes[-1]}" if n is None else
+                    f"N ≤ {n} (faster at every size measured)" if not exact else f"N ≈ {n}")
+            out.append(f"- {lib}, crossover with softmax, {p}: {text}")
+        out.append("")
+    return "\n".join(out) + "\n"
 
 
 def _plot(results, sizes, args, machine):
