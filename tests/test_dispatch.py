@@ -34,11 +34,13 @@ def test_core_has_no_framework_imports():
         assert not pattern.search(path.read_text()), f"framework import in {path}"
 
 
-def test_numpy_call_goes_to_the_numpy_adapter_then_core():
+def test_numpy_calls_go_to_the_numpy_fast_path_except_references():
     res = ka.explain_dispatch("linear_attention", X, causal=True, method="auto", masked=False, kind="glu")
-    # the numpy adapter exists but has no fast path yet: the core runs, and says why
-    assert res.backend == "agnostic"
-    assert "numpy" in res.reason
+    assert res.backend == "numpy"
+    res = ka.explain_dispatch("linear_attention", X, causal=True, method="naive", masked=False, kind="glu")
+    assert res.backend == "agnostic" and "reference strategy" in res.reason
+    res = ka.explain_dispatch("softmax_attention", X, causal=False, masked=False)
+    assert res.backend == "agnostic" and "no fast path" in res.reason
 
 
 def test_agnostic_forces_core_and_unknown_names_list_known():
