@@ -28,6 +28,9 @@ from .feature_maps import (
     num_params,
     orthogonality_penalty,
 )
+from .grad import DistillationGrads, LinearAttentionGrads, feature_map_vjp, linear_attention_vjp, value_and_grad
+from .fit import ApproximationError, FitHistory, approximation_error, fit_feature_map
+from . import data, losses, optim
 from ._dispatch import KNOWN_BACKENDS, Resolution
 from ._dispatch import resolve as _resolve
 from . import _validation
@@ -66,19 +69,31 @@ def explain_dispatch(op: str, q, /, *, backend: str | None = None, **static) -> 
 
 
 __all__ = sorted([
+    "ApproximationError",
+    "DistillationGrads",
     "FeatureMap",
     "FeatureMapSpec",
+    "FitHistory",
     "KINDS",
     "KNOWN_BACKENDS",
+    "LinearAttentionGrads",
     "LinearAttentionState",
     "Resolution",
+    "approximation_error",
+    "data",
     "explain_dispatch",
     "feature_map",
+    "feature_map_vjp",
+    "fit_feature_map",
     "linear_attention",
     "linear_attention_step",
+    "linear_attention_vjp",
     "linear_attention_weights",
+    "losses",
     "num_params",
+    "optim",
     "orthogonality_penalty",
     "softmax_attention",
     "softmax_attention_weights",
+    "value_and_grad",
 ])

@@ -169,10 +169,36 @@ class FeatureMap:
                           self.buffers if buffers is None else buffers)
 
     def to(self, *, like=None, xp=None, device=None, dtype=None) -> "FeatureMap":
-        """A copy with every array moved to another library, device or dtype."""
+        """A copy with every array moved to another library, device or dtype.
+
+        Parameters
+        ----------
+        like : array, optional
+            Take this array's library, device and dtype.
+        xp, device, dtype : optional
+            Override them. Whatever is not given stays as it is (the map's own
+            library, device and dtype), so ``phi.to(dtype=torch.float64)``
+            changes only the dtype of a torch map.
+        """
+        arrays = _tree.leaves(self.params) + _tree.leaves(self.buffers)
+        if not arrays:
+            return self
+        here = _compat.array_namespace(arrays[0])
+        if like is None and xp is None:
+            xp = here
+            device = _compat.device(arrays[0]) if device is None else device
+        if like is None and dtype is None:
+            name = str(arrays[0].dtype).rsplit(".", 1)[-1]
+            target = xp if xp is not None else here
+            dtype = name if hasattr(target, name) else None
         xp, device, dtype = _placement(like, xp, device, dtype)
+        same_library = _compat.library_name(xp) == _compat.library_name(here)
 
         def move(a):
+            if same_library:  # stay in the library: keeps autograd history, no host round trip
+                if device is not None and str(_compat.device(a)) != str(device):
+                    a = _compat.to_device(a, device)
+                return a if a.dtype == dtype else xp.astype(a, dtype)
             return _convert.from_numpy(_convert.to_numpy(a), xp=xp, device=device, dtype=dtype)
 
         return FeatureMap(self.spec, _tree.tree_map(move, self.params), _tree.tree_map(move, self.buffers))

@@ -10,7 +10,7 @@ from kernelattn.cli import main
 
 
 def test_compare_prints_errors_times_and_crossover(capsys):
-    assert main(["--sizes", "64,128", "--repeats", "1", "--error-n", "48", "--heads", "2", "--head-dim", "8"]) == 0
+    assert main(["compare", "--sizes", "64,128", "--repeats", "1", "--error-n", "48", "--heads", "2", "--head-dim", "8"]) == 0
     out = capsys.readouterr().out
     for label in ("elu+1", "favor", "glu x2", "aoglu x3", "hedgehog"):
         assert re.search(rf"{re.escape(label)}\s+[\d,]+\s+\d+\.\d+\s+\d+\.\d+", out), label

@@ -180,3 +180,14 @@ def test_to_moves_between_libraries(xp_backend, rng):
 def test_repr_is_informative():
     r = repr(ka.feature_map("aoglu", num_heads=8, head_dim=64, depth=3, seed=0))
     assert "aoglu" in r and "depth=3" in r and "rank=16" in r and "147,456" in r
+
+
+def test_to_keeps_what_is_not_given(xp_backend):
+    x = xp_backend.asarray(np.zeros((1, 2, 3, 4)), "float32")
+    phi = ka.feature_map("glu", num_heads=2, head_dim=4, seed=0, like=x)
+    if xp_backend.has("float64"):
+        wide = phi.to(dtype=xp_backend.dtype("float64"))
+        assert type(wide.parameters()[0]) is type(x)
+        assert wide.parameters()[0].dtype == xp_backend.dtype("float64")
+    same = phi.to()
+    assert type(same.parameters()[0]) is type(x) and same.parameters()[0].dtype == x.dtype

@@ -6,7 +6,8 @@ A command module defines ``HELP`` (one line), ``add_arguments(parser)`` and
 
 #: command name -> module under kernelattn.commands
 COMMANDS = {
+    "demo": "demo",
     "compare": "compare",
     "bench": "bench",
 }
-DEFAULT = "compare"
+DEFAULT = "demo"

@@ -1,4 +1,4 @@
-"""Embedded default inputs: deterministic attention problems generated on the spot.
+"""Synthetic attention problems drawn on the spot (no file): :func:`default_inputs`.
 
 No download and no file: :func:`default_inputs` draws queries, keys and values
 from a fixed seed, with structure that makes softmax attention peaked rather
