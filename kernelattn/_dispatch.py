@@ -104,8 +104,32 @@ def resolve(op: str, xp, *, device=None, dtype=None, backend: str | None = None,
     if backend is not None and backend not in KNOWN_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {list(KNOWN_BACKENDS)}")
     library = _compat.library_name(xp)
-    return _resolve_cached(op, library, device_type(device), str(dtype), tuple(sorted(static.items())),
-                           backend, _fast_paths_disabled())
+    key = (op, library, device_type(device), str(dtype), tuple(sorted(static.items())), backend,
+           _fast_paths_disabled())
+    _decide(*key)
+    return _DECIDED[key]
+
+
+#: decisions already taken, by static facts (read under torch.compile, see _decide)
+_DECIDED: dict[tuple, Resolution] = {}
+
+
+def _decide(*key) -> str:
+    """Take the decision for ``key`` once and store it in ``_DECIDED``; return the backend name.
+
+    ``torch.compile`` calls a function carrying ``_dynamo_marked_constant``
+    (what ``torch.compiler.assume_constant_result`` sets) once while tracing
+    and keeps its (string) result as a constant, so importing an adapter and
+    asking it never enter the graph; the graph then reads the stored
+    Resolution like any global. Eager calls behave as before.
+    """
+    found = _DECIDED.get(key)
+    if found is None:
+        found = _DECIDED[key] = _resolve_cached(*key)
+    return found.backend
+
+
+_decide._dynamo_marked_constant = True
 
 
 @functools.lru_cache(maxsize=1024)
@@ -146,3 +170,4 @@ def _resolve_cached(op, library, dev_type, dtype, static_items, backend, disable
 def clear_cache() -> None:
     """Forget cached decisions (after changing the environment switch, for instance)."""
     _resolve_cached.cache_clear()
+    _DECIDED.clear()

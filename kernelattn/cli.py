@@ -7,6 +7,7 @@ command the default one runs (see ``python -m kernelattn --help``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 
@@ -32,4 +33,16 @@ def main(argv=None) -> int:
         mod = _module(name)
         mod.add_arguments(sub.add_parser(name, help=mod.HELP, description=mod.__doc__))
     args = parser.parse_args(argv)
-    return int(_module(args.command).run(args) or 0)
+    with _torch_grad_mode_restored():
+        return int(_module(args.command).run(args) or 0)
+
+
+@contextlib.contextmanager
+def _torch_grad_mode_restored():
+    """Commands may switch torch autograd off for speed; give the caller its mode back."""
+    before = sys.modules["torch"].is_grad_enabled() if "torch" in sys.modules else True
+    try:
+        yield
+    finally:
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_grad_enabled(before)

@@ -23,3 +23,12 @@ def test_python_dash_m_and_help():
     assert res.returncode == 0 and "compare" in res.stdout
     res = subprocess.run([sys.executable, "-m", "kernelattn", "compare", "--bogus"], capture_output=True, text=True)
     assert res.returncode == 2 and "--bogus" in res.stderr
+
+
+def test_commands_leave_torch_autograd_as_they_found_it():
+    import torch
+
+    assert torch.is_grad_enabled()
+    main(["compare", "--backend", "torch", "--sizes", "32", "--repeats", "1", "--error-n", "16", "--heads", "1",
+          "--head-dim", "4"])
+    assert torch.is_grad_enabled()

@@ -1,0 +1,214 @@
+"""Feature maps phi written with native torch ops, for the torch fast paths.
+
+The same math as :mod:`kernelattn._agnostic.feature_maps` (and tested against
+it), without the array-API wrapper layer: fewer temporaries and less Python
+per call, which matters when the fast paths apply phi to many small blocks of
+tokens. Autograd sees through every function here.
+
+Every function takes ``x`` of shape (B, H, n, d) in the compute dtype and
+returns (B, H, n, m) in that dtype. Parameters of shape (H, d_in, d_out)
+broadcast over the batch axis, or are already expanded to (B, H, d_in, d_out)
+(see :func:`expand_blocks`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+#: kinds this module computes itself; other maps (user callables) run as given
+KINDS = ("ffn", "glu", "aoglu", "hedgehog", "elu", "relu", "favor")
+
+
+def softplus(y):
+    """``log(1 + exp(y))``; exact to rounding in float32 and float64.
+
+    torch returns ``y`` itself above ``threshold``; the neglected term is
+    ``log1p(exp(-y))``, below half an ulp of ``y`` from 20 (float32) and 40
+    (float64) on.
+    """
+    return F.softplus(y, beta=1.0, threshold=40.0 if y.dtype == torch.float64 else 20.0)
+
+
+def softplus_(y):
+    """Softplus of a fresh (B, H, n, m) tensor, in place, for inference (no autograd).
+
+    Usually ``log(1 + exp(y))`` with torch's ``exp`` and ``log``, which on CPU
+    are vectorised library calls several times faster here than the
+    ``log1p`` inside ``F.softplus``: three passes and no temporary. Its error
+    is absolute (~6e-8: ``1 + exp(y)`` rounds), so it is used only where every
+    token (row) has a feature above softplus(-2) = 0.13, which bounds the
+    relative error of every row's sums by ~1e-6, and no value is above 20
+    (where ``exp`` would lose ``y`` or overflow). Otherwise (or with a NaN)
+    :func:`_softplus_exact_` runs. float64 keeps :func:`softplus`.
+    """
+    if y.dtype != torch.float32 or y.numel() == 0:
+        return softplus(y)
+    lo, hi = torch.aminmax(y.amax(dim=-1))  # the smallest row maximum, the largest value
+    if float(hi) <= 20.0 and float(lo) >= -2.0:
+        return y.exp_().add_(1.0).log_()
+    return _softplus_exact_(y)
+
+
+def _softplus_exact_(y):
+    """``max(log1p(exp(min(y, 20))), y)`` in place, with ``log1p(t) = log(u) - ((u - 1) - t) / u``, ``u = 1 + t``.
+
+    The correction recovers what rounding ``u`` lost (Kahan's trick), so tiny
+    values keep their relative accuracy (1e-7), with fast ``log`` still.
+    """
+    t = torch.clamp(y, max=20.0).exp_()
+    u = t + 1.0
+    c = (u - 1.0).sub_(t).div_(u)
+    return torch.maximum(u.log_().sub_(c), y, out=y)
+
+
+def _param(p, like):
+    return p if p.dtype == like.dtype else p.to(like.dtype)
+
+
+def _bias(b, like):
+    # (H, m) or (B, H, m) -> broadcastable against (B, H, n, m)
+    return _param(b, like).unsqueeze(-2)
+
+
+def feedforward(x, blocks, *, dropout: float = 0.0, training: bool = False, inplace: bool = False):
+    """A stack of ffn / glu / aoglu blocks, Softplus on the last one only.
+
+    ``dropout`` (applied to every block's input when ``training``) is the
+    paper's regularisation of the kernel; the array-API core has none.
+    ``inplace`` (inference only) reuses the intermediates.
+    """
+    if inplace:
+        return _feedforward_inplace(x, blocks)
+    last = len(blocks) - 1
+    for i, block in enumerate(blocks):
+        if dropout and training:
+            x = F.dropout(x, dropout, training=True)
+        y = torch.matmul(x, _param(block["W"], x))
+        if block.get("b") is not None:
+            y = y + _bias(block["b"], y)
+        if i == last:
+            y = softplus(y)
+        if "G" in block:
+            g = torch.matmul(x, _param(block["G"], x))
+        elif "A" in block:
+            g = torch.matmul(torch.matmul(x, _param(block["A"], x)), _param(block["B"], x))
+        else:
+            g = None
+        if g is not None:
+            if block.get("c") is not None:
+                g = g + _bias(block["c"], g)
+            y = y * torch.sigmoid(g)
+        x = y
+    return x
+
+
+def _feedforward_inplace(x, blocks):
+    last = len(blocks) - 1
+    for i, block in enumerate(blocks):
+        y = torch.matmul(x, _param(block["W"], x))
+        if block.get("b") is not None:
+            y.add_(_bias(block["b"], y))
+        if i == last:
+            y = softplus_(y)
+        if "G" in block or "A" in block:
+            if "G" in block:
+                g = torch.matmul(x, _param(block["G"], x))
+            else:
+                g = torch.matmul(torch.matmul(x, _param(block["A"], x)), _param(block["B"], x))
+            if block.get("c") is not None:
+                g.add_(_bias(block["c"], g))
+            y.mul_(g.sigmoid_())
+        x = y
+    return x
+
+
+def hedgehog(x, block):
+    """``[softmax(x W + b), softmax(-(x W + b))]`` over the features."""
+    y = torch.matmul(x, _param(block["W"], x))
+    if block.get("b") is not None:
+        y = y + _bias(block["b"], y)
+    return torch.cat([torch.softmax(y, dim=-1), torch.softmax(-y, dim=-1)], dim=-1)
+
+
+def favor(x, omega):
+    """Performer's positive random features, as in the core (``omega`` (H, d, m))."""
+    d, m = x.shape[-1], omega.shape[-1]
+    xs = x * (1.0 / d**0.25)
+    proj = torch.matmul(xs, _param(omega, xs))
+    sq = (xs * xs).sum(dim=-1, keepdim=True) * 0.5
+    return torch.exp(proj - sq) * (1.0 / math.sqrt(m))
+
+
+def elu_plus_one(x):
+    """``elu(x) + 1``, positive."""
+    return F.elu(x) + 1.0
+
+
+def apply(phi, x, *, role: str, dropout: float = 0.0, training: bool = False, blocks=None, inplace: bool = False):
+    """phi(x) for a kernelattn feature map object (FeatureMap or CallableFeatureMap).
+
+    Parameters
+    ----------
+    phi : FeatureMap or CallableFeatureMap
+    x : torch.Tensor, shape (B, H, n, d)
+        In the compute dtype.
+    role : {"query", "key"}
+    dropout, training
+        Dropout on every block input of a trainable map (and on ``x`` for the
+        others), active only when ``training``.
+    blocks : list of dict, optional
+        The role's blocks, already expanded (see :func:`expand_blocks`).
+    inplace : bool
+        Inference only (no autograd): reuse intermediates and use
+        :func:`softplus_`.
+
+    Returns
+    -------
+    torch.Tensor, shape (B, H, n, m)
+    """
+    kind = phi.kind
+    if kind in ("ffn", "glu", "aoglu"):
+        return feedforward(x, phi.blocks(role) if blocks is None else blocks, dropout=dropout, training=training,
+                           inplace=inplace)
+    if dropout and training:
+        x = F.dropout(x, dropout, training=True)
+    if kind == "hedgehog":
+        return hedgehog(x, (phi.blocks(role) if blocks is None else blocks)[0])
+    if kind == "elu":
+        return elu_plus_one(x)
+    if kind == "relu":
+        return torch.relu(x)
+    if kind == "favor":
+        return favor(x, phi.buffers["omega"])
+    # a user callable: it receives and returns (B, H, n, ·) tensors
+    return phi.apply(x, role=role, xp=None)
+
+
+def expand_blocks(blocks, batch: int, dtype):
+    """The blocks with every parameter cast to ``dtype`` and expanded to (B, H, ...) contiguous.
+
+    Done once per call by the blocked paths, so each block of tokens is a
+    plain batched product instead of a broadcast that copies the weights.
+    """
+    out = []
+    for block in blocks:
+        new = {}
+        for name, p in block.items():
+            if p is None:
+                continue
+            p = p.to(dtype)
+            if batch > 1:
+                p = p.unsqueeze(0).expand(batch, *p.shape).contiguous()
+            new[name] = p
+        out.append(new)
+    return out
+
+
+def feature_dim(phi, d: int):
+    """m of ``phi`` applied to width-``d`` inputs, or None when only a call can tell."""
+    if phi.kind in ("elu", "relu"):
+        return d
+    return getattr(phi, "feature_dim", None)

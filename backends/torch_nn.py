@@ -1,0 +1,482 @@
+"""PyTorch modules: the paper's kernels, multi-head linear attention, and its encoder block.
+
+* :class:`FeatureMap`: a head-wise trainable kernel (``"ffn"``, ``"glu"``,
+  ``"aoglu"``, ``"hedgehog"``) or a fixed one (``"elu"``, ``"relu"``,
+  ``"favor"``) holding its weights as ``nn.Parameter``\\ s, with the
+  orthogonality penalty of the paper.
+* :class:`MultiheadLinearAttention`: a drop-in for
+  ``torch.nn.MultiheadAttention`` where that makes sense (same call, same
+  ``key_padding_mask`` convention: True marks padding), linear in the sequence
+  length, with :meth:`~MultiheadLinearAttention.step` for token-by-token decoding.
+* :class:`LinearTransformerEncoderLayer`: the paper's pre-LayerNorm block,
+  ``x + Attn(LN x)`` then ``x + FFN(LN x)``.
+
+The modules only hold parameters and call :func:`kernelattn.linear_attention`,
+so the fast paths of :mod:`kernelattn.backends.torch` run underneath, and
+``torch.compile(module, fullgraph=True)`` works.
+
+Examples
+--------
+>>> import torch
+>>> from kernelattn.backends.torch_nn import MultiheadLinearAttention
+>>> attn = MultiheadLinearAttention(64, 4, kernel="glu", causal=True, seed=0)
+>>> x = torch.randn(2, 10, 64)
+>>> out, _ = attn(x, x, x)
+>>> out.shape
+torch.Size([2, 10, 64])
+>>> y, state = attn.step(x[:, :6])          # a prompt ...
+>>> z, state = attn.step(x[:, 6], state=state)   # ... then one token at a time
+>>> bool(torch.allclose(z, out[:, 6], atol=1e-5))
+True
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernelattn as ka
+from kernelattn.backends import _torch_fmap
+from kernelattn.feature_maps import FeatureMap as _FeatureMap
+
+__all__ = ["FeatureMap", "LinearTransformerEncoderLayer", "MultiheadLinearAttention"]
+
+
+def _wrap(spec, params, buffers) -> _FeatureMap:
+    # kernelattn.FeatureMap around the module's tensors, without its __init__
+    # (which looks for JAX); the same construction as its pytree unflatten
+    phi = object.__new__(_FeatureMap)
+    phi.spec, phi.params, phi.buffers = spec, params, buffers
+    return phi
+
+
+class FeatureMap(nn.Module):
+    """A head-wise feature map phi: (B, H, N, d) -> (B, H, N, m) with trainable weights.
+
+    Parameters
+    ----------
+    kind : {"ffn", "glu", "aoglu", "hedgehog", "elu", "relu", "favor"}, default "glu"
+        See :data:`kernelattn.KINDS`.
+    num_heads, head_dim : int
+        H and d.
+    feature_dim, depth, rank, bias, tied
+        As in :func:`kernelattn.feature_map` (m, stacked blocks, AOGLU gate
+        rank, biases, one map for queries and keys).
+    seed : int or numpy.random.Generator, optional
+        Initial weights, drawn as :func:`kernelattn.feature_map` draws them
+        (orthogonal main weights, He-normal gates), so a seed gives the same map
+        as on any other backend.
+    device, dtype : optional
+        Where the parameters live (default CPU, float32).
+
+    Notes
+    -----
+    Parameters are registered as ``params.<role>.<block>.<name>`` (role
+    ``shared``, or ``query`` and ``key`` when untied; names ``W``, ``G``,
+    ``A``, ``B``, ``b``, ``c``); FAVOR+'s projection is the buffer ``omega``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from kernelattn.backends.torch_nn import FeatureMap
+    >>> phi = FeatureMap("glu", num_heads=4, head_dim=16, seed=0)
+    >>> phi(torch.randn(2, 4, 10, 16)).shape
+    torch.Size([2, 4, 10, 16])
+    >>> float(phi.orthogonality_penalty()) < 1e-10   # orthogonal at init
+    True
+    """
+
+    def __init__(self, kind: str = "glu", num_heads: int | None = None, head_dim: int | None = None, *,
+                 feature_dim: int | None = None, depth: int = 1, rank: int | None = None, bias: bool = False,
+                 tied: bool = True, seed=None, device=None, dtype=None):
+        super().__init__()
+        dtype = torch.float32 if dtype is None else dtype
+        phi = ka.feature_map(kind, num_heads=num_heads, head_dim=head_dim, feature_dim=feature_dim, depth=depth,
+                             rank=rank, bias=bias, tied=tied, seed=seed, xp=torch, device=device, dtype=dtype)
+        self.spec = phi.spec
+        self.params = nn.ModuleDict({
+            role: nn.ModuleList(nn.ParameterDict({name: nn.Parameter(a) for name, a in block.items()})
+                                for block in blocks)
+            for role, blocks in phi.params.items()
+        })
+        for name, a in phi.buffers.items():
+            self.register_buffer(name, a)
+        self._buffer_names = tuple(phi.buffers)
+
+    kind = property(lambda self: self.spec.kind)
+    num_heads = property(lambda self: self.spec.num_heads)
+    head_dim = property(lambda self: self.spec.head_dim)
+    feature_dim = property(lambda self: self.spec.feature_dim)
+
+    def as_feature_map(self) -> _FeatureMap:
+        """The :class:`kernelattn.FeatureMap` over this module's parameters (autograd flows through it).
+
+        :func:`kernelattn.linear_attention` calls this when given the module as
+        ``feature_map``.
+        """
+        params = {role: [dict(block.items()) for block in blocks] for role, blocks in self.params.items()}
+        buffers = {name: getattr(self, name) for name in self._buffer_names}
+        return _wrap(self.spec, params, buffers)
+
+    def forward(self, x, role: str = "query"):
+        """phi(x) for ``x`` of shape (B, H, N, d); ``role="key"`` applies the key map when untied.
+
+        Returns (B, H, N, m) in the dtype of ``x`` (float16/bfloat16 are
+        computed in float32).
+        """
+        if role not in ("query", "key"):
+            raise ValueError(f"role must be 'query' or 'key'; got {role!r}")
+        if x.ndim != 4:
+            raise ValueError(f"x must have 4 dimensions (B, H, N, d); got shape {tuple(x.shape)}")
+        phi = self.as_feature_map()
+        phi.check_compatible(x, name="x")
+        cdt = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        return _torch_fmap.apply(phi, x.to(cdt), role=role).to(x.dtype)
+
+    def key(self, x):
+        """The key map (the same as the query map when tied)."""
+        return self(x, role="key")
+
+    def orthogonality_penalty(self, weight: float = 1.0):
+        """``weight * sum_blocks mean_{h,i,j} ((W_h W_h^T - I)_{ij})^2`` (0-d tensor; 0.0 without weights)."""
+        return ka.orthogonality_penalty(self.as_feature_map(), weight=weight)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        parts = [repr(s.kind)]
+        if s.num_heads is not None:
+            parts += [f"num_heads={s.num_heads}", f"head_dim={s.head_dim}", f"feature_dim={s.feature_dim}"]
+        if s.kind in ("ffn", "glu", "aoglu"):
+            parts.append(f"depth={s.depth}")
+        if s.kind == "aoglu":
+            parts.append(f"rank={s.rank}")
+        if not s.tied:
+            parts.append("tied=False")
+        return ", ".join(parts)
+
+
+def _as_key_mask(key_padding_mask, batch, length, name="key_padding_mask"):
+    """PyTorch's padding mask (True = padding) -> kernelattn's key mask (True = real key)."""
+    if key_padding_mask is None:
+        return None
+    if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a boolean tensor (True marks padding, as in "
+                        f"torch.nn.MultiheadAttention); got "
+                        f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
+    if tuple(key_padding_mask.shape) != (batch, length):
+        raise ValueError(f"{name} must have shape (batch, source length) = ({batch}, {length}); "
+                         f"got {tuple(key_padding_mask.shape)}")
+    return ~key_padding_mask
+
+
+class MultiheadLinearAttention(nn.Module):
+    """Multi-head linear attention with a trainable feedforward kernel.
+
+    ``out = W_o concat_h( phi(q_h) S_h / (phi(q_h) . z_h + eps) )`` with
+    ``q = W_q x``, ``k = W_k x``, ``v = W_v x``; O(N) in the sequence length.
+
+    Parameters
+    ----------
+    embed_dim : int
+        Model width E; split into ``num_heads`` heads of width E / num_heads.
+    num_heads : int
+    kernel : str or FeatureMap, default "glu"
+        The feature map: a kind (see :data:`kernelattn.KINDS`) built here, or
+        a :class:`FeatureMap` module (for instance to share one between layers).
+    depth, feature_dim, rank, kernel_bias, tied
+        Passed to :class:`FeatureMap` when ``kernel`` is a kind.
+    causal : bool, default False
+        Attend only to earlier positions (decoder self-attention).
+    batch_first : bool, default True
+        Inputs are (batch, seq, feature); False for (seq, batch, feature).
+    dropout : float, default 0.0
+        Dropout on the input of every kernel block while training (the
+        paper's regularisation; linear attention has no weight matrix to drop).
+    bias : bool, default True
+        Biases of the four projections.
+    kdim, vdim : int, optional
+        Widths of keys and values (default ``embed_dim``).
+    eps : float, default 1e-6
+        Added to the denominator.
+    chunk_size : int, optional
+        Chunk length of the causal form.
+    seed : int, optional
+        Seed of the kernel's initial weights (projections use torch's RNG).
+    device, dtype : optional
+
+    Notes
+    -----
+    Differences from ``torch.nn.MultiheadAttention``: ``need_weights`` defaults
+    to False and True is an error (the (N, L) weights are never formed; use
+    :func:`kernelattn.linear_attention_weights` to inspect them);
+    ``attn_mask`` is accepted only as the causal mask (``is_causal=True``).
+    Projections are four ``nn.Linear`` (``q_proj``, ``k_proj``, ``v_proj``,
+    ``out_proj``).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, kernel="glu", depth: int = 1,
+                 feature_dim: int | None = None, rank: int | None = None, kernel_bias: bool = False,
+                 tied: bool = True, causal: bool = False, batch_first: bool = True, dropout: float = 0.0,
+                 bias: bool = True, kdim: int | None = None, vdim: int | None = None, eps: float = 1e-6,
+                 chunk_size: int | None = None, seed=None, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        self.kdim = embed_dim if kdim is None else kdim
+        self.vdim = embed_dim if vdim is None else vdim
+        self.causal, self.batch_first = bool(causal), bool(batch_first)
+        self.dropout, self.eps, self.chunk_size = float(dropout), float(eps), chunk_size
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        for proj in (self.q_proj, self.k_proj, self.v_proj):  # as nn.MultiheadAttention initialises
+            nn.init.xavier_uniform_(proj.weight)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        if isinstance(kernel, FeatureMap):
+            if (kernel.num_heads, kernel.head_dim) not in ((num_heads, self.head_dim), (None, None)):
+                raise ValueError(f"kernel was built for num_heads={kernel.num_heads}, head_dim={kernel.head_dim}; "
+                                 f"this layer has num_heads={num_heads}, head_dim={self.head_dim}")
+            self.feature_map = kernel
+        elif isinstance(kernel, str):
+            self.feature_map = FeatureMap(kernel, num_heads, self.head_dim, feature_dim=feature_dim, depth=depth,
+                                          rank=rank, bias=kernel_bias, tied=tied, seed=seed, **factory)
+        else:
+            raise TypeError(f"kernel must be a kind name or a kernelattn FeatureMap module; "
+                            f"got {type(kernel).__name__}")
+
+    # -- helpers ---------------------------------------------------------------
+    def _heads(self, x, proj):
+        # (B, T, *) -> (B, H, T, d)
+        B, T = x.shape[0], x.shape[1]
+        return proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _phi(self):
+        phi = self.feature_map.as_feature_map()
+        if not (self.training and self.dropout > 0.0):
+            return phi
+        p = self.dropout
+        return (lambda x: _torch_fmap.apply(phi, x, role="query", dropout=p, training=True),
+                lambda x: _torch_fmap.apply(phi, x, role="key", dropout=p, training=True))
+
+    def _batch(self, x, name):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+        if x.ndim == 2:  # unbatched (T, E)
+            return x.unsqueeze(0), True
+        if x.ndim != 3:
+            raise ValueError(f"{name} must be (batch, seq, feature) (or (seq, batch, feature) with "
+                             f"batch_first=False, or unbatched (seq, feature)); got shape {tuple(x.shape)}")
+        return (x if self.batch_first else x.transpose(0, 1)), False
+
+    # -- calls ------------------------------------------------------------------
+    def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights: bool = False,
+                attn_mask=None, average_attn_weights: bool = True, is_causal: bool = False):
+        """Attend ``query`` over ``key``/``value`` (both default to ``query``).
+
+        Parameters
+        ----------
+        query : torch.Tensor, shape (B, N, E)
+            (N, B, E) with ``batch_first=False``; (N, E) unbatched.
+        key : torch.Tensor, shape (B, L, kdim), optional
+        value : torch.Tensor, shape (B, L, vdim), optional
+        key_padding_mask : bool torch.Tensor, shape (B, L), optional
+            True marks padding (``torch.nn.MultiheadAttention``'s convention).
+            Padded keys never enter the sums, so they change nothing.
+        need_weights : bool, default False
+            Must be False: linear attention never forms the weights.
+        attn_mask : optional
+            Only the causal mask, flagged with ``is_causal=True`` (it is then
+            not read); any other mask is an error.
+        average_attn_weights : bool
+            Ignored (no weights).
+        is_causal : bool, default False
+            Causal for this call (as if built with ``causal=True``).
+
+        Returns
+        -------
+        out : torch.Tensor, shape like ``query``
+        weights : None
+        """
+        if need_weights:
+            raise ValueError("need_weights=True is not supported: linear attention never forms the (N, L) "
+                             "attention weights. Call with need_weights=False, or inspect the weights with "
+                             "kernelattn.linear_attention_weights(q, k, feature_map=module.feature_map)")
+        if attn_mask is not None and not is_causal:
+            raise ValueError("attn_mask is not supported: an arbitrary (N, L) mask needs the O(N L) form. "
+                             "Use causal=True (or is_causal=True) for the causal mask and key_padding_mask "
+                             "for padding")
+        key = query if key is None else key
+        value = key if value is None else value
+        q_in, unbatched = self._batch(query, "query")
+        k_in, _ = self._batch(key, "key")
+        v_in, _ = self._batch(value, "value")
+        kpm = key_padding_mask.unsqueeze(0) if (unbatched and key_padding_mask is not None) else key_padding_mask
+        key_mask = _as_key_mask(kpm, k_in.shape[0], k_in.shape[1])
+        out = ka.linear_attention(self._heads(q_in, self.q_proj), self._heads(k_in, self.k_proj),
+                                  self._heads(v_in, self.v_proj), feature_map=self._phi(),
+                                  causal=self.causal or bool(is_causal), key_mask=key_mask, eps=self.eps,
+                                  chunk_size=self.chunk_size)
+        out = self.out_proj(out.transpose(1, 2).reshape(q_in.shape[0], q_in.shape[1], self.embed_dim))
+        if unbatched:
+            return out[0], None
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+    def step(self, query, key=None, value=None, *, state=None, key_padding_mask=None):
+        """Decode: continue causal attention over new tokens from ``state``.
+
+        Parameters
+        ----------
+        query : torch.Tensor, shape (B, E) or (B, T, E)
+            One new token, or T of them (a prompt); (T, B, E) with
+            ``batch_first=False``.
+        key, value : torch.Tensor, optional
+            Default ``query`` (self-attention).
+        state : kernelattn.LinearAttentionState, optional
+            From the previous call; None starts an empty sequence.
+        key_padding_mask : bool torch.Tensor, shape (B,) or (B, T), optional
+            True marks new tokens that are padding (they do not enter the state).
+
+        Returns
+        -------
+        out : torch.Tensor, shape like ``query``
+        state : kernelattn.LinearAttentionState
+            Pass it to the next call. ``step`` over a sequence in any split
+            equals ``forward`` with ``causal=True``.
+        """
+        if not self.causal:
+            raise ValueError("step() continues causal attention, and this module was built with causal=False; "
+                             "build it with causal=True to decode token by token")
+        key = query if key is None else key
+        value = key if value is None else value
+        single = getattr(query, "ndim", None) == 2
+        if single:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None and key_padding_mask.ndim == 1:
+                key_padding_mask = key_padding_mask.unsqueeze(1)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if x.ndim != 3:
+                raise ValueError(f"{name} must be (B, E) or (B, T, E); got shape {tuple(x.shape)}")
+        key_mask = _as_key_mask(key_padding_mask, key.shape[0], key.shape[1])
+        out, state = ka.linear_attention_step(self._heads(query, self.q_proj), self._heads(key, self.k_proj),
+                                              self._heads(value, self.v_proj), feature_map=self._phi(),
+                                              state=state, key_mask=key_mask, eps=self.eps)
+        out = self.out_proj(out.transpose(1, 2).reshape(query.shape[0], query.shape[1], self.embed_dim))
+        if single:
+            return out[:, 0], state
+        return (out if self.batch_first else out.transpose(0, 1)), state
+
+    def orthogonality_penalty(self, weight: float = 1.0):
+        """The kernel's orthogonality penalty (see :meth:`FeatureMap.orthogonality_penalty`)."""
+        return self.feature_map.orthogonality_penalty(weight)
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, causal={self.causal}, "
+                f"batch_first={self.batch_first}, dropout={self.dropout}")
+
+
+_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
+
+
+class LinearTransformerEncoderLayer(nn.Module):
+    """The paper's pre-LayerNorm encoder block: ``x + Attn(LN x)``, then ``x + FFN(LN x)``.
+
+    ``FFN = Linear -> GELU -> Dropout -> Linear -> Dropout`` (PAPER.md §3); the
+    attention is :class:`MultiheadLinearAttention`. Called like
+    ``torch.nn.TransformerEncoderLayer`` (with ``norm_first=True``).
+
+    Parameters
+    ----------
+    d_model : int
+    nhead : int
+    dim_feedforward : int, default 2048
+    dropout : float, default 0.1
+        Dropout of the feedforward sublayer.
+    kernel, depth, feature_dim, rank, kernel_bias, tied, seed
+        The attention's kernel (see :class:`MultiheadLinearAttention`).
+    kernel_dropout : float, optional
+        Dropout on the kernel blocks' inputs (default ``dropout``, as in the paper).
+    causal : bool, default False
+    activation : {"gelu", "relu"} or callable, default "gelu"
+    layer_norm_eps : float, default 1e-5
+    batch_first : bool, default True
+    bias : bool, default True
+    eps, chunk_size, device, dtype
+        As in :class:`MultiheadLinearAttention`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from kernelattn.backends.torch_nn import LinearTransformerEncoderLayer
+    >>> layer = LinearTransformerEncoderLayer(64, 4, 128, kernel="glu", seed=0)
+    >>> layer(torch.randn(2, 50, 64)).shape
+    torch.Size([2, 50, 64])
+    """
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1, *,
+                 kernel="glu", depth: int = 1, feature_dim: int | None = None, rank: int | None = None,
+                 kernel_bias: bool = False, tied: bool = True, kernel_dropout: float | None = None,
+                 causal: bool = False, activation="gelu", layer_norm_eps: float = 1e-5, batch_first: bool = True,
+                 bias: bool = True, eps: float = 1e-6, chunk_size: int | None = None, seed=None, device=None,
+                 dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.self_attn = MultiheadLinearAttention(
+            d_model, nhead, kernel=kernel, depth=depth, feature_dim=feature_dim, rank=rank, kernel_bias=kernel_bias,
+            tied=tied, causal=causal, batch_first=batch_first,
+            dropout=dropout if kernel_dropout is None else kernel_dropout, bias=bias, eps=eps,
+            chunk_size=chunk_size, seed=seed, **factory)
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, **factory)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, **factory)
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        if isinstance(activation, str):
+            if activation not in _ACTIVATIONS:
+                raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)} or a callable; got {activation!r}")
+            activation = _ACTIVATIONS[activation]
+        elif not callable(activation):
+            raise TypeError(f"activation must be a name or a callable; got {type(activation).__name__}")
+        self.activation = activation
+
+    def _ff(self, x):
+        return self.dropout2(self.linear2(self.dropout1(self.activation(self.linear1(x)))))
+
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal: bool = False):
+        """``src`` (B, N, d_model) (or (N, B, d_model) with ``batch_first=False``) -> same shape.
+
+        ``src_key_padding_mask`` (B, N): True marks padding. ``src_mask`` is
+        accepted only as the causal mask with ``is_causal=True``.
+        """
+        x = src
+        x = x + self.self_attn(self.norm1(x), key_padding_mask=src_key_padding_mask, attn_mask=src_mask,
+                               is_causal=is_causal)[0]
+        return x + self._ff(self.norm2(x))
+
+    def step(self, x, *, state=None, key_padding_mask=None):
+        """Decode through the block: ``x`` (B, d_model) or (B, T, d_model); returns (out, state).
+
+        Needs ``causal=True``; see :meth:`MultiheadLinearAttention.step`.
+        """
+        h, state = self.self_attn.step(self.norm1(x), state=state, key_padding_mask=key_padding_mask)
+        x = x + h
+        return x + self._ff(self.norm2(x)), state
+
+    def orthogonality_penalty(self, weight: float = 1.0):
+        """The attention kernel's orthogonality penalty."""
+        return self.self_attn.orthogonality_penalty(weight)
+
