@@ -18,6 +18,8 @@ MODULES = [
     "kernelattn.optim",
     "kernelattn.data._minilm",
     "kernelattn.backends.torch_nn",
+    "kernelattn.backends.jax",
+    "kernelattn.backends.jax_nn",
 ]
 
 
