@@ -9,5 +9,6 @@ COMMANDS = {
     "demo": "demo",
     "compare": "compare",
     "bench": "bench",
+    "listops": "listops",
 }
 DEFAULT = "demo"
