@@ -18,9 +18,15 @@ class Adapter:
     name = "base"
     library = ""
 
+    #: strategies the core always runs: the references the fast paths are tested against
+    REFERENCE_METHODS = ("naive", "recurrent")
+
     def supports(self, op: str, *, device_type: str, dtype: str, **static) -> bool | str:
         if getattr(self, op, None) is None:
             return f"no fast path for {op}"
+        method = static.get("method")
+        if op == "linear_attention" and method in self.REFERENCE_METHODS:
+            return f"method={method!r} is a reference strategy; the core runs it"
         return True
 
     def __repr__(self) -> str:

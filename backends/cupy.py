@@ -42,13 +42,6 @@ def _kernels():
 class CuPyAdapter(Adapter):
     name = library = "cupy"
 
-    def supports(self, op, *, device_type, dtype, **static):
-        if op != "linear_attention":
-            return f"no fast path for {op}"
-        if static.get("method") in ("naive", "recurrent"):
-            return f"method={static['method']!r} is a reference strategy; the core runs it"
-        return True
-
     def linear_attention(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method,
                          initial_state, return_state, xp):
         import cupy

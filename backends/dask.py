@@ -32,13 +32,6 @@ from kernelattn.backends._base import Adapter
 class DaskAdapter(Adapter):
     name = library = "dask"
 
-    def supports(self, op, *, device_type, dtype, **static):
-        if op != "linear_attention":
-            return f"no fast path for {op}; the core runs lazily on Dask"
-        if static.get("method") in ("naive", "recurrent"):
-            return f"method={static['method']!r} is a reference strategy; the core runs it lazily"
-        return True
-
     def linear_attention(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method,
                          initial_state, return_state, xp):
         if any(math.isnan(c) for a in (q, k, v) for c in a.shape):

@@ -26,13 +26,6 @@ BLOCK = 512
 class NumPyAdapter(Adapter):
     name = library = "numpy"
 
-    def supports(self, op, *, device_type, dtype, **static):
-        if op != "linear_attention":
-            return f"no fast path for {op}"
-        if static.get("method") in ("naive", "recurrent"):
-            return f"method={static['method']!r} is a reference strategy; the core runs it"
-        return True
-
     def linear_attention(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method,
                          initial_state, return_state, xp):
         return _blocked.linear_attention(np, q, k, v, feature_map=feature_map, causal=causal, key_mask=key_mask,

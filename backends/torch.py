@@ -73,12 +73,9 @@ class TorchAdapter(Adapter):
     library = "torch"
 
     def supports(self, op: str, *, device_type: str, dtype: str, **static) -> bool | str:
-        if op == "linear_attention":
-            method = static.get("method", "auto")
-            if method in ("naive", "recurrent"):
-                return f"method={method!r} stays on the core: it is the reference the fast paths are tested against"
-        elif op != "softmax_attention":
-            return f"no fast path for {op}"
+        answer = super().supports(op, device_type=device_type, dtype=dtype, **static)
+        if answer is not True:
+            return answer
         if device_type not in ("cpu", "cuda"):
             return f"no fast path for device type {device_type!r}"
         if dtype not in _DTYPES:
