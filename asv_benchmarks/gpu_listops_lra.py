@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                "paper": PAPER_LISTOPS.get(attention, (None,))[0]}
         if not args.no_measure:
             m = measure_step(cfg, device=args.device, repeats=10)
-            row.update(ms_per_step=m["ms_per_step"], step_memory_mib=m["step_memory_mib"], length=m["length"])
+            row.update(ms_per_step=m["ms_per_step"], step_memory_mib=m["step_memory_mib"], saved_mib=m["saved_mib"], length=m["length"])
         rows.append(row)
         print(json.dumps(row), flush=True)
     os.makedirs(args.out, exist_ok=True)
@@ -99,14 +99,15 @@ def main(argv=None) -> int:
         json.dump(summary, f, indent=1)
     at = f"N={base.data.max_length}, B={base.batch_size}"
     head = (f"| attention | parameters | steps in budget | best val. % | test % | ms/step ({at}) | "
-            f"step memory MiB ({at}) | paper's % |")
+            f"peak step memory MiB ({at}) | MiB saved for backward | paper's % |")
     lines = [f"ListOps, {args.preset} preset, {args.per_run:.0f} s of training per attention on {card}", "", head,
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = (lambda x, f: "–" if x is None else format(x, f))
         lines.append(f"| {r['label']} | {r['parameters']:,} | {r['steps']} | {100 * r['best_val_accuracy']:.1f} | "
                      f"{100 * r['test_accuracy']:.1f} | {fmt(r.get('ms_per_step'), '.1f')} | "
-                     f"{fmt(r.get('step_memory_mib'), '.0f')} | {fmt(r['paper'], '.2f')} |")
+                     f"{fmt(r.get('step_memory_mib'), '.0f')} | {fmt(r.get('saved_mib'), '.1f')} | "
+                     f"{fmt(r['paper'], '.2f')} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(args.out, "gpu_listops.md"), "w") as f:
         f.write(text)

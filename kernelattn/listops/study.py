@@ -39,24 +39,27 @@ PAPER_LISTOPS = {
 }
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+def _saved_for_backward_mib(model, step) -> float:
+    """MiB of the tensors autograd keeps for the backward pass of ``step()`` (activations; weights excluded).
 
+    Counted with ``torch.autograd.graph.saved_tensors_hooks``, one storage
+    once: deterministic and the same on every device, unlike a process's
+    resident memory, which the allocator's caching blurs on a CPU.
+    """
+    import torch
 
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM (Linux)
-        return True
-    except OSError:
-        return False
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[(storage.data_ptr(), str(t.device))] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(storages.values()) / 2**20
 
 
 def _measure_here(cfg: TrainConfig, device: str, repeats: int, threads: int | None,
@@ -94,22 +97,15 @@ def _measure_here(cfg: TrainConfig, device: str, repeats: int, threads: int | No
         opt.step()
 
     step()
-    step()  # warm-up: gradients and optimiser state exist from here on
+    saved = _saved_for_backward_mib(model, step)  # also the second warm-up step
     sync()
     memory = None
-    if dev.type == "cuda":
+    if dev.type == "cuda":  # the caching allocator's peak above the resting state
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         step()
         sync()
         memory = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
-    elif _reset_peak_rss():
-        base = _status_kib("VmRSS")
-        _reset_peak_rss()
-        step()
-        peak = _status_kib("VmHWM")
-        if base is not None and peak is not None:
-            memory = (peak - base) / 1024
     times = []
     for _ in range(repeats):
         sync()
@@ -119,7 +115,7 @@ def _measure_here(cfg: TrainConfig, device: str, repeats: int, threads: int | No
         times.append(time.perf_counter() - t0)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     return {"attention": cfg.attention, "length": N, "batch": B, "ms_per_step": 1e3 * float(np.median(times)),
-            "step_memory_mib": memory, "device": name, "threads": torch.get_num_threads()}
+            "saved_mib": saved, "step_memory_mib": memory, "device": name, "threads": torch.get_num_threads()}
 
 
 def measure_step(cfg: TrainConfig, *, length: int | None = None, device: str = "auto", repeats: int = 5,
@@ -135,12 +131,14 @@ def measure_step(cfg: TrainConfig, *, length: int | None = None, device: str = "
     -------
     dict
         ``ms_per_step``: median over ``repeats`` steps after two warm-up
-        steps. ``step_memory_mib``: the peak memory of a step above the
-        resting state (weights, gradients, optimiser moments), i.e. the
-        activations and temporaries: on CUDA from the caching allocator's
-        peak, on CPU from the process's peak resident set (Linux; None
-        elsewhere). Run in a fresh process unless ``subprocess_=False``, so
-        earlier work does not blur the peak.
+        steps. ``saved_mib``: the activations autograd keeps for the
+        backward pass (every device; what grows as N² for softmax attention
+        that stores its probabilities and as N for linear attention).
+        ``step_memory_mib``: on CUDA, the caching allocator's peak during a
+        step above the resting state (weights, gradients, optimiser moments);
+        None on a CPU, where the allocator's caching makes a process's peak
+        memory meaningless at this scale. Run in a fresh process unless
+        ``subprocess_=False``.
     """
     if length is not None and length != cfg.data.max_length:
         cfg = replace(cfg, data=replace(cfg.data, max_length=length, min_length=min(cfg.data.min_length, length)),
@@ -245,8 +243,9 @@ def run_study(base: TrainConfig, attentions, seeds, out_dir: str, *, data_dir: s
                                  device="auto" if device is None else str(device), repeats=repeats, threads=threads)
                 speed[attention].append(m)
                 if verbose:
-                    mem = "–" if m["step_memory_mib"] is None else f"{m['step_memory_mib']:.0f} MiB"
-                    print(f"{attention}: {m['ms_per_step']:.1f} ms/step, {mem} at length {n}, batch {m['batch']}")
+                    peak = "" if m["step_memory_mib"] is None else f", peak {m['step_memory_mib']:.0f} MiB"
+                    print(f"{attention}: {m['ms_per_step']:.1f} ms/step, {m['saved_mib']:.1f} MiB saved for backward"
+                          f"{peak} at length {n}, batch {m['batch']}")
     import platform
 
     import torch
@@ -304,7 +303,7 @@ def summarize(runs: list[dict], speed: dict | None = None) -> list[dict]:
             "test_std": float(test.std(ddof=1)) if len(test) > 1 else 0.0,
             "val_mean": float(val.mean()), "val_std": float(val.std(ddof=1)) if len(val) > 1 else 0.0,
             "train_seconds": float(np.mean([r["train_seconds"] for r in mine])),
-            "speed": [{k: m[k] for k in ("length", "batch", "ms_per_step", "step_memory_mib")}
+            "speed": [{k: m[k] for k in ("length", "batch", "ms_per_step", "saved_mib", "step_memory_mib")}
                       for m in speed.get(attention, [])],
             "paper": None if paper is None else paper[0], "paper_source": None if paper is None else paper[1],
         })
@@ -323,7 +322,7 @@ def _cells(row, lengths) -> list[str]:
     for n in lengths:
         m = by_length.get(n, {})
         cells.append("–" if m.get("ms_per_step") is None else f"{m['ms_per_step']:.1f}")
-        cells.append("–" if m.get("step_memory_mib") is None else f"{m['step_memory_mib']:.0f}")
+        cells.append("–" if m.get("saved_mib") is None else f"{m['saved_mib']:.1f}")
     return cells + [paper]
 
 
@@ -331,7 +330,7 @@ def _header(study) -> list[str]:
     n = len(study["seeds"])
     head = ["attention", "parameters", f"test acc. % (mean ± std, {n} seeds)", "best val. acc. %"]
     for length in _lengths(study):
-        head += [f"ms / step (N={length})", f"step MiB (N={length})"]
+        head += [f"ms / step (N={length})", f"MiB saved for backward (N={length})"]
     return head + ["paper's ListOps % (LRA, N ≤ 2000)"]
 
 
