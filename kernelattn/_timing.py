@@ -72,3 +72,12 @@ def crossover(sizes, slow, fast):
     r0, r1 = math.log(f0 / s0), math.log(f1 / s1)  # log ratio crosses 0 between n0 and n1
     t = r0 / (r0 - r1)
     return int(round(math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0))))), True
+
+
+def crossover_text(sizes, slow, fast, *, unicode: bool = False) -> str:
+    """:func:`crossover` in words: "N ~ 412", "N <= 256 (faster at every size measured)", or "not reached"."""
+    n, exact = crossover(sizes, slow, fast)
+    le, approx = ("≤", "≈") if unicode else ("<=", "~")
+    if n is None:
+        return f"not reached up to N={sizes[-1]}"
+    return f"N {approx} {n}" if exact else f"N {le} {n} (faster at every size measured)"

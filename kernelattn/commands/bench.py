@@ -31,7 +31,7 @@ import sys
 import numpy as np
 
 from .. import __version__
-from .._timing import crossover, median_time
+from .._timing import crossover_text, median_time
 from ..attention import linear_attention, softmax_attention
 from ..data import default_inputs
 from ..feature_maps import feature_map
@@ -227,9 +227,7 @@ def _report(results, sizes, args, machine, versions):
         lines.append("")
         for p in paths:
             sm = [s[1] if p.startswith("causal") else s[0] for s in times["softmax"]]
-            n, exact = crossover(sizes, sm, times[p])
-            text = (f"not reached up to N={sizes[-1]}" if n is None else
-                    f"N <= {n} (faster at every size measured)" if not exact else f"N ~ {n}")
+            text = crossover_text(sizes, sm, times[p])
             lines.append(f"- crossover with softmax, {p}: {text}")
         lines.append("")
     lines.append("x softmax: softmax time / path time (above 1 = faster than softmax); "
@@ -260,9 +258,7 @@ def _report_rst(results, sizes, args, machine, versions):
         out.append("")
         for p in paths:
             sm = [s[1] if p.startswith("causal") else s[0] for s in times["softmax"]]
-            n, exact = crossover(sizes, sm, times[p])
-            text = (f"not reached up to N={sizes[-1]}" if n is None else
-                    f"N ≤ {n} (faster at every size measured)" if not exact else f"N ≈ {n}")
+            text = crossover_text(sizes, sm, times[p], unicode=True)
             out.append(f"- {lib}, crossover with softmax, {p}: {text}")
         out.append("")
     return "\n".join(out) + "\n"

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 from .. import __version__
-from .._timing import crossover, median_time
+from .._timing import crossover_text, median_time
 from ..attention import linear_attention, softmax_attention
 from ..data import default_inputs
 from ..feature_maps import feature_map, num_params
@@ -110,14 +110,7 @@ def run(args) -> int:
                 cells.append(f"{tl * 1e3:9.1f} ms x{ts / tl:5.2f}")
             print(f"  {n:>6} {ts * 1e3:7.1f} ms" + "".join(f" {c:>18}" for c in cells), file=out)
         for lab in TIMED:
-            n, exact = crossover(sizes, soft, rows[lab])
-            if n is None:
-                text = f"not reached up to N={sizes[-1]}"
-            elif not exact:
-                text = f"N <= {n} (faster at every size measured)"
-            else:
-                text = f"N ~ {n}"
-            print(f"  crossover {lab:<9}: {text}", file=out)
+            print(f"  crossover {lab:<9}: {crossover_text(sizes, soft, rows[lab])}", file=out)
         print(file=out)
     return 0
 

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from .. import __version__
-from .._timing import crossover, median_time
+from .._timing import crossover_text, median_time
 from .._tree import tree_map
 from ..attention import linear_attention, linear_attention_weights, softmax_attention, softmax_attention_weights
 from ..data import minilm
@@ -262,14 +262,7 @@ def run(args) -> int:
                 cells.append(f"{tl * 1e3:9.1f} ms x{ts / tl:5.2f}")
             print(f"  {n:>6} {ts * 1e3:7.1f} ms" + "".join(f" {c:>19}" for c in cells), file=out)
         for lab in TIMED:
-            n, exact = crossover(sizes, soft, times[lab])
-            if n is None:
-                text = f"not reached up to N={sizes[-1]}"
-            elif not exact:
-                text = f"N <= {n} (faster at every size measured)"
-            else:
-                text = f"N ~ {n}"
-            print(f"  crossover {lab:<9}: {text}", file=out)
+            print(f"  crossover {lab:<9}: {crossover_text(sizes, soft, times[lab])}", file=out)
         print(file=out)
 
     if args.out:
