@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 import kernelattn as ka
 from kernelattn import _timing
-from kernelattn.testing import rel_rms_error
+from kernelattn.testing import rel_rms_error, watch_torch_sizes
 
 
 # ---------------------------------------------------------------------------
@@ -76,21 +76,6 @@ def peak_extra_bytes(fn):
     peak = _status()["VmHWM"]
     del result
     return max(0, peak - base)
-
-
-class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
-    """The largest tensor (elements) any aten op returns while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def interleaved(fns: dict, rounds: int, slow=()):
@@ -197,7 +182,7 @@ def main(argv=None):
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     for p_ in phi.parameters():
         p_.requires_grad_(True)
-    with LargestTensor() as watch:
+    with watch_torch_sizes() as watch:
         ka.linear_attention(qg, kg, vg, feature_map=phi, causal=True).sum().backward()
     nmd = B * H * N * d * d
     rows.append(("fwd+bwd largest tensor / (B H N d) elements", watch.largest / (B * H * N * d),

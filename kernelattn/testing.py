@@ -22,6 +22,7 @@ __all__ = [
     "reference_softmax_attention",
     "rel_rms_error",
     "to_numpy",
+    "watch_torch_sizes",
 ]
 
 
@@ -191,3 +192,28 @@ def assert_close(actual, desired, *, rtol=None, atol=0.0, like=None, check_dtype
         rtol = 1e-10 if "64" in name else (2e-2 if ("16" in name) else 2e-4)
         del size
     np.testing.assert_allclose(a, d, rtol=rtol, atol=atol)
+
+
+def watch_torch_sizes():
+    """A context manager that records the largest torch tensor any aten op returns while it is active.
+
+    ``with watch_torch_sizes() as w: ...`` then ``w.largest`` (elements). How
+    the tests and the benchmark prove that no (N, m, e) tensor is ever formed.
+    Needs torch (imported here, not by :mod:`kernelattn.testing` itself).
+    """
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Watch(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    return _Watch()

@@ -16,7 +16,8 @@ import kernelattn as ka
 from kernelattn import _dispatch
 from kernelattn.backends import _torch_fmap, _torch_mem, _torch_ops
 from kernelattn.backends import torch as torch_backend
-from kernelattn.testing import reference_linear_attention, reference_softmax_attention, rel_rms_error
+from kernelattn.testing import (reference_linear_attention, reference_softmax_attention, rel_rms_error,
+                                watch_torch_sizes)
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 5e-3, torch.float64: 1e-12}
 KINDS = [("ffn", {}), ("glu", {"depth": 2}), ("aoglu", {"depth": 2, "bias": True}), ("hedgehog", {"bias": True}),
@@ -328,28 +329,13 @@ def test_padded_keys_change_nothing_and_get_zero_gradient(causal):
             assert float(dv.masked_select(pad).abs().max()) == 0.0
 
 
-class _Sizes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the largest tensor any aten op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "forward+backward"])
 def test_causal_path_never_forms_an_N_m_e_tensor(grad):
     B, H, N, d = 1, 2, 2048, 16
     phi = _phi("ffn", {}, H, d, grad=grad)
     q, k, v, _, _ = _inputs(B, H, N, N, d, d, torch.float32)
     q, k, v = (t.requires_grad_(grad) for t in (q, k, v))
-    with _Sizes() as sizes, torch.set_grad_enabled(grad):
+    with watch_torch_sizes() as sizes, torch.set_grad_enabled(grad):
         out = ka.linear_attention(q, k, v, feature_map=phi, causal=True)
         if grad:
             out.sum().backward()
