@@ -34,6 +34,7 @@ __all__ = [
     "library_name",
     "numpy_namespace",
     "to_device",
+    "values_visible",
 ]
 
 
@@ -68,3 +69,27 @@ def numpy_namespace():
     import array_api_compat.numpy as np_xp
 
     return np_xp
+
+
+def values_visible(x) -> bool:
+    """Whether Python may look at the values of ``x`` now (branch on them).
+
+    False for lazy arrays (Dask: looking would compute the graph), JAX
+    tracers (under ``jit``/``grad``/``vmap``), and torch while ``torch.compile``
+    traces or inside ``torch.func`` transforms. Imports nothing: the library
+    of ``x`` is already loaded.
+    """
+    import sys
+
+    if is_dask_namespace(array_namespace(x)):
+        return False
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(x, jax.core.Tracer):
+        return False
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        if torch.compiler.is_compiling():
+            return False
+        if torch._C._functorch.is_functorch_wrapped_tensor(x):
+            return False
+    return True

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 from . import _compat, _dispatch, _validation
 from ._agnostic import attention as _core
+from ._agnostic import isolate as _isolate
 from ._agnostic._utils import cast, compute_dtype
 from .feature_maps import _register_pytrees, as_feature_map
 
@@ -57,6 +58,23 @@ def _check_state(state, q, *, B, H, e):
     if z.ndim != 3 or tuple(z.shape) != tuple(S.shape[:3]):
         raise ValueError(f"state.z must have shape (B, H, m) = {tuple(S.shape[:3])}; got {tuple(z.shape)}")
     return state
+
+
+def _isolated_inputs(q, k, v, key_mask, initial_state, *, causal, xp):
+    """Inputs every path may compute with, and what :func:`_isolate.poison` needs afterwards.
+
+    Padded keys become zeros; when the inputs may hold NaN or Inf (always
+    under tracing or for lazy arrays, where values cannot be looked at), the
+    non-finite tokens become zeros and ``guard`` says which outputs their
+    definition reaches (see :mod:`kernelattn._agnostic.isolate`).
+    """
+    k, v = _isolate.drop_padding(k, v, key_mask, xp=xp)
+    state = () if initial_state is None else tuple(initial_state)
+    if _compat.values_visible(q) and all(_compat.values_visible(a) for a in (k, v, *state)):
+        if bool(_isolate.all_finite(q, k, v, *state, xp=xp)):
+            return q, k, v, initial_state, None
+    q, k, v, initial_state, bad_rows, bad_state = _isolate.isolate(q, k, v, initial_state, causal=causal, xp=xp)
+    return q, k, v, initial_state, (bad_rows, bad_state)
 
 
 def _static_checks(eps, chunk_size, method):
@@ -158,11 +176,14 @@ def linear_attention(
         "linear_attention", xp, device=_validation._device_or_none(q), dtype=q.dtype, backend=backend,
         causal=bool(causal), method=method, masked=key_mask is not None, kind=getattr(phi, "kind", "callable"),
     )
+    q, k, v, initial_state, guard = _isolated_inputs(q, k, v, key_mask, initial_state, causal=causal, xp=xp)
     out, state = impl(
         q, k, v, feature_map=phi, causal=bool(causal), key_mask=key_mask, eps=float(eps),
         chunk_size=64 if chunk_size is None else chunk_size, method=method,
         initial_state=initial_state, return_state=bool(return_state), xp=xp,
     )
+    if guard is not None:
+        out, state = _isolate.poison(out, state, *guard, xp=xp)
     if return_state:
         return out, LinearAttentionState(*state)
     return out
@@ -267,7 +288,11 @@ def softmax_attention(
         _validation.positive_number("scale", scale)
     impl = _dispatch.resolve("softmax_attention", xp, device=_validation._device_or_none(q), dtype=q.dtype,
                              backend=backend, causal=bool(causal), masked=key_mask is not None)
-    return impl(q, k, v, causal=bool(causal), key_mask=key_mask, scale=scale, xp=xp)
+    q, k, v, _, guard = _isolated_inputs(q, k, v, key_mask, None, causal=causal, xp=xp)
+    out = impl(q, k, v, causal=bool(causal), key_mask=key_mask, scale=scale, xp=xp)
+    if guard is not None:
+        out, _ = _isolate.poison(out, None, *guard, xp=xp)
+    return out
 
 
 def softmax_attention_weights(q, k, /, *, causal: bool = False, key_mask=None, scale: float | None = None):

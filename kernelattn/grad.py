@@ -33,7 +33,8 @@ from typing import NamedTuple
 from . import _validation
 from ._agnostic import grad as _core
 from ._agnostic._utils import cast, compute_dtype
-from .attention import LinearAttentionState, _check_state, _static_checks
+from ._agnostic import isolate as _isolate
+from .attention import LinearAttentionState, _check_state, _isolated_inputs, _static_checks
 from .feature_maps import FeatureMap, as_feature_map
 from .losses import LOSSES, _prepare
 
@@ -221,10 +222,10 @@ def linear_attention_vjp(
     initial_state = _check_state(initial_state, q, B=B, H=H, e=e)
     dtypes = (q.dtype, k.dtype, v.dtype)
     cdt = compute_dtype(q.dtype, xp=xp)
-    qc, kc, vc = (cast(a, cdt, xp=xp) for a in (q, k, v))
-    init = None
-    if initial_state is not None:
-        init = tuple(cast(s, cdt, xp=xp) for s in initial_state)
+    qc, kc, vc, init, guard = _isolated_inputs(q, k, v, key_mask, initial_state, causal=causal, xp=xp)
+    qc, kc, vc = (cast(a, cdt, xp=xp) for a in (qc, kc, vc))
+    if init is not None:
+        init = tuple(cast(s, cdt, xp=xp) for s in init)
     out, state, inner = _core.linear_attention_vjp(
         qc, kc, vc, feature_map=phi, causal=bool(causal), key_mask=key_mask, eps=float(eps),
         chunk_size=64 if chunk_size is None else chunk_size, method=method, initial_state=init, xp=xp)
@@ -236,12 +237,20 @@ def linear_attention_vjp(
             raise ValueError(f"g_out must have the shape of the output, {out_shape}; got {tuple(g_out.shape)}")
         if g_state is not None:
             g_state = tuple(cast(s, cdt, xp=xp) for s in _check_state(g_state, q, B=B, H=H, e=e))
-        gq, gk, gv, gparams, g0 = inner(cast(g_out, cdt, xp=xp), g_state)
+        g_out = cast(g_out, cdt, xp=xp)
+        if guard is not None:  # outputs set to NaN were computed from zeros: no gradient flows back
+            g_out = xp.where(guard[0][..., None], xp.zeros_like(g_out), g_out)
+            if g_state is not None:
+                g_state = tuple(xp.where(xp.reshape(guard[1], (*guard[1].shape, *(1,) * (g.ndim - 2))),
+                                         xp.zeros_like(g), g) for g in g_state)
+        gq, gk, gv, gparams, g0 = inner(g_out, g_state)
         if g0 is not None:
             g0 = LinearAttentionState(*(cast(g, s.dtype, xp=xp) for g, s in zip(g0, initial_state)))
         gq, gk, gv = (cast(g, dt, xp=xp) for g, dt in zip((gq, gk, gv), dtypes))
         return LinearAttentionGrads(gq, gk, gv, _grad_map(phi, gparams), g0)
 
+    if guard is not None:
+        out, state = _isolate.poison(out, state, *guard, xp=xp)
     out = cast(out, dtypes[0], xp=xp)
     if return_state:
         return (out, LinearAttentionState(*state)), vjp

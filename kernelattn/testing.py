@@ -1,8 +1,12 @@
 """Test helpers for kernelattn and its downstream users.
 
-The references here are written independently of the array-API core, in
-plain float64 NumPy with explicit loops and ``einsum``, so that comparing the
-core against them is a real check and not the core against itself.
+The references here are written independently of the array-API core: small,
+obviously correct float64 definitions (the explicit O(N L) weight matrix, masks
+applied by selection, the causal triangle, the documented eps rule), so that
+comparing any path against them is a real check and not a path against itself.
+:func:`reference_linear_attention_vjp` differentiates the same definition with
+torch autograd in float64, for gradients of q, k, v, every phi parameter and
+the initial state.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ __all__ = [
     "assert_close",
     "reference_feature_map",
     "reference_linear_attention",
+    "reference_linear_attention_vjp",
     "reference_softmax_attention",
     "rel_rms_error",
     "to_numpy",
@@ -30,101 +35,202 @@ def _f64(x):
     return np.asarray(to_numpy(x), dtype=np.float64)
 
 
-def _softplus(x):
-    return np.logaddexp(0.0, x)
+def _ns(xp):
+    return _compat.numpy_namespace() if xp is None else xp
 
 
-def _sigmoid(x):
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+def _softplus(x, xp=None):
+    return _ns(xp).logaddexp(x * 0.0, x)
 
 
-def _ref_blocks(x, blocks):
-    """x (B, H, N, d) float64 through stacked ffn/glu/aoglu blocks, head by head."""
+def _sigmoid(x, xp=None):
+    return 0.5 * (1.0 + _ns(xp).tanh(0.5 * x))
+
+
+def _ref_blocks(x, blocks, leaf, xp=None):
+    """x (B, H, N, d) float64 through stacked ffn/glu/aoglu blocks (W (H, d, m) broadcasts over B)."""
+    xp = _ns(xp)
     last = len(blocks) - 1
     for i, blk in enumerate(blocks):
-        W = _f64(blk["W"])
-        y = np.einsum("bhnd,hdm->bhnm", x, W)
+        y = xp.matmul(x, leaf(blk["W"]))
         if "b" in blk:
-            y = y + _f64(blk["b"])[None, :, None, :]
+            y = y + leaf(blk["b"])[:, None, :]
         if i == last:
-            y = _softplus(y)
+            y = _softplus(y, xp)
         if "G" in blk:
-            g = np.einsum("bhnd,hdm->bhnm", x, _f64(blk["G"]))
+            g = xp.matmul(x, leaf(blk["G"]))
         elif "A" in blk:
-            g = np.einsum("bhnr,hrm->bhnm", np.einsum("bhnd,hdr->bhnr", x, _f64(blk["A"])), _f64(blk["B"]))
+            g = xp.matmul(xp.matmul(x, leaf(blk["A"])), leaf(blk["B"]))
         else:
             g = None
         if g is not None:
             if "c" in blk:
-                g = g + _f64(blk["c"])[None, :, None, :]
-            y = y * _sigmoid(g)
+                g = g + leaf(blk["c"])[:, None, :]
+            y = y * _sigmoid(g, xp)
         x = y
     return x
 
 
-def reference_feature_map(phi, x, *, role: str = "query") -> np.ndarray:
-    """phi(x) in float64 NumPy, from the map's parameters (x: (B, H, N, d))."""
-    x = _f64(x)
-    phi = as_feature_map(phi)
+def _ref_phi(phi, x, role, leaf, xp=None):
+    """phi(x) by the formulas of each kind, written apart from the core (x float64, (B, H, N, d))."""
+    xp = _ns(xp)
     if not isinstance(phi, FeatureMap):
-        return _f64(phi.apply(x, role=role, xp=_compat.numpy_namespace()))
+        return phi.apply(x, role=role, xp=xp)
     kind = phi.kind
     if kind in ("ffn", "glu", "aoglu"):
-        return _ref_blocks(x, phi.blocks(role))
+        return _ref_blocks(x, phi.blocks(role), leaf, xp)
     if kind == "hedgehog":
         blk = phi.blocks(role)[0]
-        y = np.einsum("bhnd,hdm->bhnm", x, _f64(blk["W"]))
+        y = xp.matmul(x, leaf(blk["W"]))
         if "b" in blk:
-            y = y + _f64(blk["b"])[None, :, None, :]
+            y = y + leaf(blk["b"])[:, None, :]
 
         def sm(t):
-            t = np.exp(t - t.max(-1, keepdims=True))
-            return t / t.sum(-1, keepdims=True)
+            t = xp.exp(t - xp.max(t, axis=-1, keepdims=True))
+            return t / xp.sum(t, axis=-1, keepdims=True)
 
-        return np.concatenate([sm(y), sm(-y)], axis=-1)
+        return xp.concat([sm(y), sm(-y)], axis=-1)
     if kind == "elu":
-        return np.where(x > 0, x + 1.0, np.exp(np.minimum(x, 0.0)))
+        return xp.where(x > 0, x + 1.0, xp.exp(xp.where(x > 0, 0.0 * x, x)))
     if kind == "relu":
-        return np.maximum(x, 0.0)
+        return xp.where(x > 0, x, 0.0 * x)
     if kind == "favor":
-        omega = _f64(phi.buffers["omega"])
+        omega = leaf(phi.buffers["omega"])
         d, m = x.shape[-1], omega.shape[-1]
         xs = x / d**0.25
-        logits = np.einsum("bhnd,hdm->bhnm", xs, omega) - 0.5 * (xs**2).sum(-1, keepdims=True)
-        return np.exp(logits) / math.sqrt(m)
+        logits = xp.matmul(xs, omega) - 0.5 * xp.sum(xs**2, axis=-1, keepdims=True)
+        return xp.exp(logits) / math.sqrt(m)
     raise ValueError(f"no reference for kind {kind!r}")
+
+
+def reference_feature_map(phi, x, *, role: str = "query") -> np.ndarray:
+    """phi(x) in float64 NumPy, from the map's parameters (x: (B, H, N, d))."""
+    phi = as_feature_map(phi)
+    return np.asarray(_ref_phi(phi, _f64(x), role, _f64))
+
+
+def _ref_attention(fq, fk, v, valid, eps, S0, z0, xp):
+    """The definition on features, O(N L): explicit weights, invalid pairs selected away.
+
+    ``out_i = num_i / (den_i + eps)`` where ``den_i > 0``, and 0 where ``den_i = 0``
+    (nothing real to attend to), for every eps >= 0.
+    """
+    A = xp.matmul(fq, xp.permute_dims(fk, (0, 1, 3, 2)))
+    A = xp.where(valid, A, 0.0 * A)
+    num = xp.matmul(A, v)
+    den = xp.sum(A, axis=-1, keepdims=True)
+    if S0 is not None:
+        num = num + xp.matmul(fq, S0)
+        den = den + xp.matmul(fq, z0[..., None])
+    ok = den > 0
+    return xp.where(ok, num / xp.where(ok, den + eps, 1.0 + 0.0 * den), 0.0 * num)
+
+
+def _ref_state(fk, v, key_mask, S0, z0, xp):
+    if key_mask is not None:
+        keep = key_mask[:, None, :, None]
+        fk = xp.where(keep, fk, 0.0 * fk)
+        v = xp.where(keep, v, 0.0 * v)
+    S = xp.matmul(xp.permute_dims(fk, (0, 1, 3, 2)), v)
+    z = xp.sum(fk, axis=2)
+    if S0 is not None:
+        S, z = S + S0, z + z0
+    return S, z
+
+
+def _ref_valid(B, N, L, key_mask, causal, xp, like):
+    valid = xp.ones((B, 1, N, L), dtype=xp.bool)
+    if key_mask is not None:
+        valid = xp.logical_and(valid, key_mask[:, None, None, :])
+    if causal:
+        i = xp.arange(N)[:, None]
+        j = xp.arange(L)[None, :]
+        valid = xp.logical_and(valid, (j <= i)[None, None])
+    return valid
+
+
+def _ref_forward(q, k, v, phi, causal, key_mask, eps, S0, z0, leaf, xp):
+    fq = _ref_phi(phi, q, "query", leaf, xp)
+    fk = _ref_phi(phi, k, "key", leaf, xp)
+    B, _, N, _ = q.shape
+    L = k.shape[2]
+    if key_mask is not None:
+        km = key_mask
+        k_keep = km[:, None, :, None]
+        v = xp.where(k_keep, v, 0.0 * v)
+        fk = xp.where(k_keep, fk, 0.0 * fk)
+    valid = _ref_valid(B, N, L, key_mask, causal, xp, q)
+    out = _ref_attention(fq, fk, v, valid, eps, S0, z0, xp)
+    return out, _ref_state(fk, v, key_mask, S0, z0, xp)
 
 
 def reference_linear_attention(q, k, v, *, feature_map="elu", causal=False, key_mask=None, eps=1e-6,
                                initial_state=None, return_state=False):
-    """Linear attention in float64 by its quadratic definition, with explicit masks."""
-    fq = reference_feature_map(feature_map, q, role="query")
-    fk = reference_feature_map(feature_map, k, role="key")
-    v = _f64(v)
-    B, H, N, _ = fq.shape
-    L = fk.shape[2]
-    valid = np.ones((B, 1, N, L), dtype=bool)
-    if key_mask is not None:
-        valid = valid & to_numpy(key_mask).astype(bool)[:, None, None, :]
-    if causal:
-        valid = valid & np.tril(np.ones((N, L), dtype=bool))[None, None]
-    A = np.einsum("bhnm,bhlm->bhnl", fq, fk) * valid
-    num = np.einsum("bhnl,bhle->bhne", A, v)
-    den = A.sum(-1, keepdims=True)
+    """Linear attention in float64 NumPy by its O(N L) definition.
+
+    ``out_i = sum_j A_ij v_j / (sum_j A_ij + eps)`` with ``A_ij = phi(q_i) . phi(k_j)``
+    over the valid pairs (key_mask True, and j <= i when causal), plus the
+    initial state's terms; a row whose denominator ``sum_j A_ij`` is zero gives
+    zeros, for every eps >= 0. Written apart from the array-API core.
+    """
+    phi = as_feature_map(feature_map)
+    km = None if key_mask is None else to_numpy(key_mask).astype(bool)
+    S0 = z0 = None
     if initial_state is not None:
         S0, z0 = _f64(initial_state[0]), _f64(initial_state[1])
-        num = num + np.einsum("bhnm,bhme->bhne", fq, S0)
-        den = den + np.einsum("bhnm,bhm->bhn", fq, z0)[..., None]
-    out = num / (den + eps)
+    out, state = _ref_forward(_f64(q), _f64(k), _f64(v), phi, causal, km, float(eps), S0, z0, _f64,
+                              _compat.numpy_namespace())
+    out = np.asarray(out)
     if not return_state:
         return out
-    keep = np.ones((B, L)) if key_mask is None else to_numpy(key_mask).astype(np.float64)
-    fkm = fk * keep[:, None, :, None]
-    S = np.einsum("bhlm,bhle->bhme", fkm, v)
-    z = fkm.sum(2)
+    return out, (np.asarray(state[0]), np.asarray(state[1]))
+
+
+def reference_linear_attention_vjp(q, k, v, g_out, *, feature_map="elu", causal=False, key_mask=None,
+                                   eps=1e-6, initial_state=None, g_state=None):
+    """Gradients of ``sum(out * g_out) [+ sum(S * gS) + sum(z * gz)]`` by the float64 definition.
+
+    The reference of :func:`reference_linear_attention` is differentiated by
+    torch autograd in float64 (torch is imported here only). Returns a dict of
+    float64 NumPy arrays: ``"q"``, ``"k"``, ``"v"``, ``"params"`` (a list in the
+    order of ``phi.parameters()``, empty for maps without parameters) and, if an
+    initial state was given, ``"state"`` (gS, gz).
+    """
+    import torch
+    import array_api_compat.torch as txp
+
+    phi = as_feature_map(feature_map)
+
+    def leaf_of(a):
+        return torch.tensor(_f64(a), dtype=torch.float64, requires_grad=True)
+
+    tq, tk, tv = leaf_of(q), leaf_of(k), leaf_of(v)
+    params = []
+    if isinstance(phi, FeatureMap):
+        params = [leaf_of(p) for p in phi.parameters()]
+        cache = {id(p): t for p, t in zip(phi.parameters(), params)}
+    else:
+        cache = {}
+
+    def leaf(a):
+        t = cache.get(id(a))
+        return t if t is not None else torch.tensor(_f64(a), dtype=torch.float64)
+
+    km = None if key_mask is None else torch.tensor(to_numpy(key_mask).astype(bool))
+    S0 = z0 = None
     if initial_state is not None:
-        S, z = S + S0, z + z0
-    return out, (S, z)
+        S0, z0 = leaf_of(initial_state[0]), leaf_of(initial_state[1])
+    out, (S, z) = _ref_forward(tq, tk, tv, phi, causal, km, float(eps), S0, z0, leaf, txp)
+    loss = (out * torch.tensor(_f64(g_out))).sum()
+    if g_state is not None:
+        loss = loss + (S * torch.tensor(_f64(g_state[0]))).sum() + (z * torch.tensor(_f64(g_state[1]))).sum()
+    wrt = [tq, tk, tv, *params] + ([S0, z0] if S0 is not None else [])
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    grads = [np.zeros(w.shape) if g is None else g.numpy() for g, w in zip(grads, wrt)]
+    res = {"q": grads[0], "k": grads[1], "v": grads[2], "params": grads[3:3 + len(params)]}
+    if S0 is not None:
+        res["state"] = (grads[-2], grads[-1])
+    return res
 
 
 def reference_softmax_attention(q, k, v, *, causal=False, key_mask=None, scale=None):

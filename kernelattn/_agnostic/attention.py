@@ -33,10 +33,12 @@ from ._utils import cast, compute_dtype, swap_last
 
 
 def mask_keys(fk, v, key_mask, *, xp):
-    """Zero the rows of phi(K) and V at padded keys (``key_mask`` False).
+    """Select away the rows of phi(K) and V at padded keys (``key_mask`` False).
 
-    The mask acts after the feature map, so padded keys never reach S or z.
-    ``key_mask`` is boolean (B, L), True for a real key.
+    The mask acts after the feature map, so padded keys never reach S or z; it
+    selects (``where``) rather than multiplies, so whatever a padded row holds
+    (NaN, Inf) cannot reach a sum. ``key_mask`` is boolean (B, L), True for a
+    real key.
     """
     if key_mask is None:
         return fk, v
@@ -44,10 +46,22 @@ def mask_keys(fk, v, key_mask, *, xp):
     return xp.where(keep, fk, xp.zeros_like(fk)), xp.where(keep, v, xp.zeros_like(v))
 
 
-def _normalise(num, den, eps):
-    # num (..., e), den (..., 1). A row with nothing to attend to has num = 0
-    # and den = 0, and gives 0 / eps = 0.
-    return num / (den + eps)
+def inverse_den(den, eps, *, xp):
+    """``1 / (den + eps)`` where ``den > 0``, else 0 (the rule of :func:`normalise`, for VJPs)."""
+    ok = den > 0
+    return xp.where(ok, 1.0 / xp.where(ok, den + eps, xp.ones_like(den)), xp.zeros_like(den))
+
+
+def normalise(num, den, eps, *, xp):
+    """``num / (den + eps)`` where ``den > 0``; zeros where ``den = 0``.
+
+    num (..., e), den (..., 1). A row with nothing to attend to (den = 0) gives
+    zeros and, through the double ``where``, a zero gradient, for every eps >= 0
+    (no 0/0, and no 1/eps that would amplify rounding in the gradient).
+    """
+    ok = den > 0
+    safe = xp.where(ok, den + eps, xp.ones_like(den))
+    return xp.where(ok, num / safe, xp.zeros_like(num))
 
 
 def state_of(fk, v, *, xp):
@@ -73,7 +87,7 @@ def noncausal(fq, fk, v, *, eps, initial_state=None, return_state=False, xp):
     """Non-causal linear attention on features; any N and L (cross-attention)."""
     state = _add_state(initial_state, state_of(fk, v, xp=xp))
     num, den = _readout(fq, state, xp=xp)
-    return _normalise(num, den, eps), (state if return_state else None)
+    return normalise(num, den, eps, xp=xp), (state if return_state else None)
 
 
 def _causal_mask(n, l, *, device, xp):
@@ -96,7 +110,7 @@ def quadratic(fq, fk, v, *, causal, eps, initial_state=None, return_state=False,
     state = None
     if return_state:
         state = _add_state(initial_state, state_of(fk, v, xp=xp))
-    return _normalise(num, den, eps), state
+    return normalise(num, den, eps, xp=xp), state
 
 
 def _pad_tokens(x, pad, *, xp):
@@ -104,6 +118,39 @@ def _pad_tokens(x, pad, *, xp):
         return x
     zeros = xp.zeros((*x.shape[:-2], pad, x.shape[-1]), dtype=x.dtype, device=_device(x))
     return xp.concat([x, zeros], axis=-2)
+
+
+def exclusive_prefix(x, *, axis, xp):
+    """Sums of the entries before each one along ``axis`` (the first is 0).
+
+    Shifted inclusive sums, not ``cumsum(x) - x``: that difference cancels, and
+    its gradient (a reverse sum minus the entry itself) amplifies rounding.
+    """
+    n = x.shape[axis]
+    if n <= 1:
+        return xp.zeros_like(x)
+    head = [slice(None)] * x.ndim
+    head[axis] = slice(0, n - 1)
+    zero = [slice(None)] * x.ndim
+    zero[axis] = slice(0, 1)
+    return xp.concat([xp.zeros_like(x[tuple(zero)]), xp.cumulative_sum(x[tuple(head)], axis=axis)], axis=axis)
+
+
+def empty_state(B, H, m, e, *, dtype, device, xp):
+    """The state of no keys: zeros (B, H, m, e) and (B, H, m)."""
+    return (xp.zeros((B, H, m, e), dtype=dtype, device=device), xp.zeros((B, H, m), dtype=dtype, device=device))
+
+
+def _no_tokens(fq, v, *, initial_state, return_state, xp):
+    """Causal attention over zero tokens: an empty output and the state unchanged."""
+    B, H, _, m = fq.shape
+    e = v.shape[-1]
+    out = xp.zeros((B, H, 0, e), dtype=fq.dtype, device=_device(fq))
+    if not return_state:
+        return out, None
+    if initial_state is None:
+        initial_state = empty_state(B, H, m, e, dtype=fq.dtype, device=_device(fq), xp=xp)
+    return out, tuple(initial_state)
 
 
 def chunked(fq, fk, v, *, eps, chunk_size=64, initial_state=None, return_state=False, xp):
@@ -115,6 +162,8 @@ def chunked(fq, fk, v, *, eps, chunk_size=64, initial_state=None, return_state=F
     """
     B, H, N, m = fq.shape
     e = v.shape[-1]
+    if N == 0:
+        return _no_tokens(fq, v, initial_state=initial_state, return_state=return_state, xp=xp)
     C = max(1, min(chunk_size, N))
     nc = -(-N // C)
     pad = nc * C - N
@@ -131,16 +180,14 @@ def chunked(fq, fk, v, *, eps, chunk_size=64, initial_state=None, return_state=F
 
     # inter-chunk: states of all earlier chunks
     S_c, z_c = state_of(fk_c, v_c, xp=xp)  # (B, H, nc, m, e), (B, H, nc, m)
-    S_incl = xp.cumulative_sum(S_c, axis=2)
-    z_incl = xp.cumulative_sum(z_c, axis=2)
-    S_prev, z_prev = S_incl - S_c, z_incl - z_c
+    S_prev, z_prev = exclusive_prefix(S_c, axis=2, xp=xp), exclusive_prefix(z_c, axis=2, xp=xp)
     if initial_state is not None:
         S_prev = S_prev + initial_state[0][:, :, None, ...]
         z_prev = z_prev + initial_state[1][:, :, None, ...]
     num = num + xp.matmul(fq_c, S_prev)
     den = den + xp.matmul(fq_c, z_prev[..., None])
 
-    out = xp.reshape(_normalise(num, den, eps), (B, H, nc * C, e))
+    out = xp.reshape(normalise(num, den, eps, xp=xp), (B, H, nc * C, e))
     if pad:
         out = out[:, :, :N, :]
     state = None
@@ -153,10 +200,10 @@ def recurrent(fq, fk, v, *, eps, initial_state=None, return_state=False, xp):
     """Causal linear attention one token at a time, carrying (S, z)."""
     B, H, N, m = fq.shape
     e = v.shape[-1]
+    if N == 0:
+        return _no_tokens(fq, v, initial_state=initial_state, return_state=return_state, xp=xp)
     if initial_state is None:
-        dev = _device(fq)
-        S = xp.zeros((B, H, m, e), dtype=fq.dtype, device=dev)
-        z = xp.zeros((B, H, m), dtype=fq.dtype, device=dev)
+        S, z = empty_state(B, H, m, e, dtype=fq.dtype, device=_device(fq), xp=xp)
     else:
         S, z = initial_state
     outs = []
@@ -166,7 +213,7 @@ def recurrent(fq, fk, v, *, eps, initial_state=None, return_state=False, xp):
         z = z + fk_t
         num = xp.matmul(fq_t[..., None, :], S)[..., 0, :]
         den = xp.sum(fq_t * z, axis=-1, keepdims=True)
-        outs.append(_normalise(num, den, eps))
+        outs.append(normalise(num, den, eps, xp=xp))
     out = xp.stack(outs, axis=2)
     return out, ((S, z) if return_state else None)
 
@@ -222,7 +269,7 @@ def attention_weights(fq, fk, *, causal, key_mask=None, eps=1e-6, xp):
         A = xp.where(keep, A, xp.zeros_like(A))
     if key_mask is not None:
         A = xp.where(key_mask[:, None, None, :], A, xp.zeros_like(A))
-    return A / (xp.sum(A, axis=-1, keepdims=True) + eps)
+    return normalise(A, xp.sum(A, axis=-1, keepdims=True), eps, xp=xp)
 
 
 def _softmax_scores(q, k, *, causal, key_mask, scale, xp):

@@ -228,7 +228,7 @@ def _noncausal_vjp(fq, fk, v, *, eps, initial_state, xp):
     S, z = _att.state_of(fk, v, xp=xp)
     if initial_state is not None:
         S, z = S + initial_state[0], z + initial_state[1]
-    r = 1.0 / (xp.matmul(fq, z[..., None]) + eps)  # (B, H, N, 1)
+    r = _att.inverse_den(xp.matmul(fq, z[..., None]), eps, xp=xp)  # (B, H, N, 1)
     out = xp.matmul(fq, S) * r
 
     def vjp(g, g_state):
@@ -258,7 +258,7 @@ def _quadratic_vjp(fq, fk, v, *, causal, eps, initial_state, xp):
     if initial_state is not None:
         num = num + xp.matmul(fq, initial_state[0])
         den = den + xp.matmul(fq, initial_state[1][..., None])
-    r = 1.0 / (den + eps)
+    r = _att.inverse_den(den, eps, xp=xp)
     out = num * r
     S, z = _att.state_of(fk, v, xp=xp)
     if initial_state is not None:
@@ -312,7 +312,7 @@ def _chunked_vjp(fq, fk, v, *, eps, chunk_size, initial_state, xp):
         A = xp.where(tril(s1 - s0), A, xp.zeros_like(A))
         num = xp.matmul(A, v_c) + xp.matmul(fq_c, S)
         den = xp.sum(A, axis=-1, keepdims=True) + xp.matmul(fq_c, z[..., None])
-        r = 1.0 / (den + eps)
+        r = _att.inverse_den(den, eps, xp=xp)
         prefix.append((S, z))
         outs.append(num * r)
         rs.append(r)
@@ -380,7 +380,7 @@ def attention_on_features_vjp(fq, fk, v, *, causal, eps, method="auto", chunk_si
     kw = dict(eps=eps, initial_state=initial_state, xp=xp)
     if method == "naive":
         out, state, inner = _quadratic_vjp(fq, fk_m, v_m, causal=causal, **kw)
-    elif not causal:
+    elif not causal or fq.shape[2] == 0:  # no tokens: nothing causal to do
         out, state, inner = _noncausal_vjp(fq, fk_m, v_m, **kw)
     else:
         out, state, inner = _chunked_vjp(fq, fk_m, v_m, chunk_size=chunk_size, **kw)
