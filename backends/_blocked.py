@@ -150,7 +150,7 @@ def _masked(lib, fk, v, mask, lo, hi):
     if mask is None:
         return fk, v
     keep = mask[:, None, lo:hi, None]
-    return fk * keep, lib.where(keep, v, 0)
+    return lib.where(keep, fk, 0), lib.where(keep, v, 0)  # select, never multiply: 0 * NaN is NaN
 
 
 def _states(lib, k, v, mask, phi, S, z, cdt, block):
@@ -171,11 +171,26 @@ def _states(lib, k, v, mask, phi, S, z, cdt, block):
     return S, z
 
 
+def _divide_(lib, num, den, eps):
+    """num <- num / (den + eps) where den != 0, else 0 (nothing to attend to), for every eps >= 0."""
+    empty = den == 0
+    den += eps
+    lib.divide(num, den, out=num, where=~empty) if lib is np else lib.divide(num, den, out=num)
+    if empty.any():
+        num[...] = lib.where(empty, 0, num)
+
+
 def _readout(lib, fq, S, z, eps, out):
     lib.matmul(fq, S, out=out)
-    den = lib.matmul(fq, z[..., None])
-    den += eps
-    lib.divide(out, den, out=out)
+    _divide_(lib, out, lib.matmul(fq, z[..., None]), eps)
+
+
+def _exclusive_cumsum(lib, x):
+    """Sums of the chunks before each one along axis 2 (zeros first)."""
+    out = lib.empty_like(x)
+    out[:, :, :1] = 0
+    lib.cumsum(x[:, :, :-1], axis=2, out=out[:, :, 1:])
+    return out
 
 
 def _causal(lib, q, k, v, mask, phi, S, z, eps, chunk_size, cdt, block):
@@ -207,16 +222,13 @@ def _causal(lib, q, k, v, mask, phi, S, z, eps, chunk_size, cdt, block):
             den = A.sum(axis=-1, keepdims=True)
             Sc = lib.matmul(fk_c.swapaxes(-1, -2), v_c)  # (B, H, nc, m, e)
             zc = fk_c.sum(axis=-2)
-            S_prev = lib.cumsum(Sc, axis=2)
-            S_prev -= Sc
+            S_prev = _exclusive_cumsum(lib, Sc)  # shifted sums: cumsum - Sc would cancel
             S_prev += S[:, :, None]
-            z_prev = lib.cumsum(zc, axis=2)
-            z_prev -= zc
+            z_prev = _exclusive_cumsum(lib, zc)
             z_prev += z[:, :, None]
             num += lib.matmul(fq_c, S_prev)
             den += lib.matmul(fq_c, z_prev[..., None])
-            den += eps
-            lib.divide(num, den, out=num)
+            _divide_(lib, num, den, eps)
             out[:, :, lo:lo + w] = num.reshape(B, H, w, e)
             S = S_prev[:, :, -1] + Sc[:, :, -1]
             z = z_prev[:, :, -1] + zc[:, :, -1]
@@ -225,8 +237,8 @@ def _causal(lib, q, k, v, mask, phi, S, z, eps, chunk_size, cdt, block):
             fq_r, fk_r, v_r = fq[:, :, nc * C:], fk[:, :, nc * C:], vb[:, :, nc * C:]
             A = lib.matmul(fq_r, fk_r.swapaxes(-1, -2)) * tril[:rem, :rem]
             num = lib.matmul(A, v_r) + lib.matmul(fq_r, S)
-            den = A.sum(axis=-1, keepdims=True) + lib.matmul(fq_r, z[..., None]) + eps
-            out[:, :, a:b] = num / den
+            _divide_(lib, num, A.sum(axis=-1, keepdims=True) + lib.matmul(fq_r, z[..., None]), eps)
+            out[:, :, a:b] = num
             S = S + lib.matmul(fk_r.swapaxes(-1, -2), v_r)
             z = z + fk_r.sum(axis=-2)
     if S is None:

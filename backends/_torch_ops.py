@@ -118,8 +118,13 @@ def _causal_block(fq, fk, va, S, chunk: int):
 
 
 def _write_out(out, nu, t0, t1, eps, den=None):
-    """out[t0:t1] = num / (den + eps); keeps den + eps in ``den`` when given."""
-    d = nu[..., -1:] + eps
+    """out[t0:t1] = num / (den + eps); keeps den + eps in ``den`` when given.
+
+    A zero denominator (nothing to attend to) is stored as +inf: the row reads
+    out as num / inf = 0 and the backward's 1 / den is 0, for every eps >= 0.
+    """
+    d = nu[..., -1:]
+    d = torch.where(d != 0, d + eps, torch.inf)
     torch.div(nu[..., :-1], d, out=out[:, :, t0:t1])
     if den is not None:
         den[:, :, t0:t1] = d[..., 0]

@@ -117,7 +117,8 @@ def _chunk_fwd(Q, K, V, PV, PZ, OUT, DEN, N, DM, DE, eps, sq, sk, sv, so,
     A = tl.dot(q, tl.trans(k), input_precision=PREC)
     A = tl.where(ot[:, None] >= ot[None, :], A, 0.0)
     num = tl.dot(A.to(v.dtype), v, input_precision=PREC) + tl.dot(q.to(tl.float32), P, input_precision=PREC)
-    den = tl.sum(A, axis=1) + tl.sum(q.to(tl.float32) * pz[None, :], axis=1) + eps
+    den = tl.sum(A, axis=1) + tl.sum(q.to(tl.float32) * pz[None, :], axis=1)
+    den = tl.where(den != 0, den + eps, float("inf"))  # nothing to attend to: 0 out, 0 gradient
     tl.store(OUT + bh * so + ot[:, None] * DE + oe[None, :], num / den[:, None], mask=mt[:, None] & (oe[None, :] < DE))
     tl.store(DEN + bh * N + ot, den, mask=mt)
 
@@ -180,7 +181,8 @@ def _rows(X, M, U, Wt, OUT, DEN, T, DX, DY, eps, sxb, sxt, sob,
     acc = tl.dot(x, Mt, input_precision=PREC)
     if NORMALIZE:
         u = tl.load(U + bh * DX + ox, mask=ox < DX, other=0.0)
-        den = tl.sum(x * u[None, :], axis=1) + eps
+        den = tl.sum(x * u[None, :], axis=1)
+        den = tl.where(den != 0, den + eps, float("inf"))  # nothing to attend to: 0 out, 0 gradient
         acc = acc / den[:, None]
         tl.store(DEN + bh * T + ot, den, mask=mt)
     elif HAS_U:

@@ -154,9 +154,11 @@ def _block_state(k, v, mask, phi, cdt):
 
 
 def _readout(q, state, phi, eps, dtype):
+    from kernelattn._agnostic.attention import normalise
+
     S, z = state
     fq = phi.apply(np.asarray(q, dtype=S.dtype), role="query", xp=_np())
-    out = (fq @ S) / (fq @ z[..., None] + eps)
+    out = normalise(fq @ S, fq @ z[..., None], eps, xp=_np())
     return out.astype(dtype, copy=False)
 
 

@@ -153,7 +153,7 @@ def _readout(phi_fn, params, q, state, eps):
     """phi(Q) S / (phi(Q) z + eps) for a state shared by every query."""
     S, z = state
     fq = phi_fn(params, q, "query")
-    return (fq @ S) / (fq @ z[..., None] + eps)
+    return (fq @ S) * _jax_chunked._inverse_den(fq @ z[..., None], eps)
 
 
 def _add(a, b):

@@ -112,7 +112,7 @@ def reference_feature_map(phi, x, *, role: str = "query") -> np.ndarray:
 def _ref_attention(fq, fk, v, valid, eps, S0, z0, xp):
     """The definition on features, O(N L): explicit weights, invalid pairs selected away.
 
-    ``out_i = num_i / (den_i + eps)`` where ``den_i > 0``, and 0 where ``den_i = 0``
+    ``out_i = num_i / (den_i + eps)`` where ``den_i != 0``, and 0 where ``den_i = 0``
     (nothing real to attend to), for every eps >= 0.
     """
     A = xp.matmul(fq, xp.permute_dims(fk, (0, 1, 3, 2)))
@@ -122,7 +122,7 @@ def _ref_attention(fq, fk, v, valid, eps, S0, z0, xp):
     if S0 is not None:
         num = num + xp.matmul(fq, S0)
         den = den + xp.matmul(fq, z0[..., None])
-    ok = den > 0
+    ok = den != 0
     return xp.where(ok, num / xp.where(ok, den + eps, 1.0 + 0.0 * den), 0.0 * num)
 
 

@@ -47,19 +47,19 @@ def mask_keys(fk, v, key_mask, *, xp):
 
 
 def inverse_den(den, eps, *, xp):
-    """``1 / (den + eps)`` where ``den > 0``, else 0 (the rule of :func:`normalise`, for VJPs)."""
-    ok = den > 0
+    """``1 / (den + eps)`` where ``den != 0``, else 0 (the rule of :func:`normalise`, for VJPs)."""
+    ok = den != 0
     return xp.where(ok, 1.0 / xp.where(ok, den + eps, xp.ones_like(den)), xp.zeros_like(den))
 
 
 def normalise(num, den, eps, *, xp):
-    """``num / (den + eps)`` where ``den > 0``; zeros where ``den = 0``.
+    """``num / (den + eps)`` where ``den != 0``; zeros where ``den = 0``.
 
     num (..., e), den (..., 1). A row with nothing to attend to (den = 0) gives
     zeros and, through the double ``where``, a zero gradient, for every eps >= 0
     (no 0/0, and no 1/eps that would amplify rounding in the gradient).
     """
-    ok = den > 0
+    ok = den != 0
     safe = xp.where(ok, den + eps, xp.ones_like(den))
     return xp.where(ok, num / safe, xp.zeros_like(num))
 

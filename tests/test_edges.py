@@ -1,0 +1,319 @@
+"""Every path against the float64 definition, at the edges.
+
+Each backend x path (its fast path, and the array-API core) x causal x method
+x mask pattern is compared with :func:`kernelattn.testing.reference_linear_attention`
+(outputs, returned state) and :func:`~kernelattn.testing.reference_linear_attention_vjp`
+(gradients of q, k, v and every phi parameter), never only with another path.
+Gradients come from torch autograd, ``jax.grad`` (under ``jit``) and the
+hand-derived VJP (NumPy, array-api-strict).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kernelattn as ka
+from kernelattn import _tree
+from kernelattn.testing import reference_linear_attention, reference_linear_attention_vjp, to_numpy
+
+B, H, D = 3, 2, 8
+N = 37            # not a multiple of the chunk
+CHUNK = 16        # several chunks, and a partial one
+L_CROSS = 23
+
+MASKS = ("none", "right", "left", "holes", "item", "cross")
+
+
+def make_mask(pattern, rng, n):
+    """(B, n) boolean key mask of a named pattern (None for "none")."""
+    if pattern in ("none", "cross"):
+        return None
+    m = np.ones((B, n), dtype=bool)
+    if pattern == "right":
+        m[0, n - 5:] = False
+        m[1, n // 2:] = False
+    elif pattern == "left":          # causal: the first rows have no real key at all
+        m[0, :7] = False
+        m[1, :n - 3] = False
+    elif pattern == "holes":
+        m = rng.random((B, n)) > 0.35
+        m[:, 0] = True
+    elif pattern == "item":          # a whole batch item is padding
+        m[1, :] = False
+        m[2, :CHUNK + 1] = False
+    return m
+
+
+def inputs(rng, pattern, *, n=N, cross=False):
+    L = L_CROSS if cross else n
+    q = rng.standard_normal((B, H, n, D))
+    k = rng.standard_normal((B, H, L, D))
+    v = rng.standard_normal((B, H, L, D))
+    g = rng.standard_normal((B, H, n, D))
+    return q, k, v, g, make_mask(pattern, rng, L)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    den = np.linalg.norm(b)
+    return np.linalg.norm(a - b) / den if den > 0 else np.linalg.norm(a)
+
+
+def glu(rng_seed=0, dtype="float64"):
+    return ka.feature_map("glu", num_heads=H, head_dim=D, depth=2, seed=rng_seed, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------
+# running one path: outputs and gradients, as float64 NumPy
+
+
+def _torch_grads(bk, q, k, v, g, phi, key_mask, kw):
+    import torch
+
+    ts = [torch.tensor(a, dtype=torch.float32, requires_grad=True) for a in (q, k, v)]
+    phi_t = phi.to(like=ts[0])
+    leaves = [p.detach().clone().requires_grad_(True) for p in phi_t.parameters()]
+    phi_t = phi_t.replace(params=_tree.with_leaves(phi_t.params, leaves))
+    km = None if key_mask is None else torch.tensor(key_mask)
+    out = ka.linear_attention(*ts, feature_map=phi_t, key_mask=km, **kw)
+    (out * torch.tensor(g, dtype=torch.float32)).sum().backward()
+    grads = [t.grad for t in ts] + [p.grad for p in leaves]
+    return to_numpy(out.detach()), [np.zeros(1) if x is None else to_numpy(x) for x in grads]
+
+
+def _jax_grads(bk, q, k, v, g, phi, key_mask, kw):
+    import jax
+    import jax.numpy as jnp
+
+    arrs = [jnp.asarray(a, dtype=jnp.float32) for a in (q, k, v)]
+    phi_j = phi.to(like=arrs[0])
+    km = None if key_mask is None else jnp.asarray(key_mask)
+    gj = jnp.asarray(g, dtype=jnp.float32)
+
+    def loss(q, k, v, params):
+        out = ka.linear_attention(q, k, v, feature_map=phi_j.replace(params=params), key_mask=km, **kw)
+        return jnp.sum(out * gj), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(
+        *arrs, phi_j.params)
+    gq, gk, gv, gp = grads
+    return to_numpy(out), [to_numpy(x) for x in (gq, gk, gv, *_tree.leaves(gp))]
+
+
+def _hand_grads(bk, q, k, v, g, phi, key_mask, kw):
+    kw = {a: b for a, b in kw.items() if a != "backend"}
+    arrs = [bk.asarray(a) for a in (q, k, v)]
+    phi_x = phi.to(like=arrs[0])
+    km = None if key_mask is None else bk.asarray(key_mask)
+    out, vjp = ka.linear_attention_vjp(*arrs, feature_map=phi_x, key_mask=km, **kw)
+    gr = vjp(bk.asarray(g))
+    return to_numpy(out), [to_numpy(x) for x in (gr.q, gr.k, gr.v, *gr.feature_map.parameters())]
+
+
+GRADS = {"torch": _torch_grads, "jax": _jax_grads, "numpy": _hand_grads, "array_api_strict": _hand_grads}
+
+
+def _check_against_reference(xp_backend, rng, *, causal, pattern, path, method):
+    bk = xp_backend
+    cross = pattern == "cross"
+    q, k, v, g, key_mask = inputs(rng, pattern, cross=cross)
+    phi = glu()
+    kw = dict(causal=causal, method=method, chunk_size=CHUNK)
+    if path == "core":
+        kw["backend"] = "agnostic"
+    ref = reference_linear_attention(q, k, v, feature_map=phi, causal=causal, key_mask=key_mask)
+    # forward on every backend, through the public function
+    arrs = [bk.asarray(a) for a in (q, k, v)]
+    km = None if key_mask is None else bk.asarray(key_mask)
+    out = ka.linear_attention(*arrs, feature_map=phi.to(like=arrs[0]), key_mask=km, **kw)
+    assert rel(to_numpy(out), ref) < 1e-5, f"forward {rel(to_numpy(out), ref):.2e}"
+    assert np.isfinite(to_numpy(out)).all()
+    grad_fn = GRADS.get(bk.name)
+    if grad_fn is None:
+        return
+    out, grads = grad_fn(bk, q, k, v, g, phi, key_mask, kw)
+    want = reference_linear_attention_vjp(q, k, v, g, feature_map=phi, causal=causal, key_mask=key_mask)
+    names = ["q", "k", "v"] + [f"phi[{i}]" for i in range(len(want["params"]))]
+    for name, got, exp in zip(names, grads, [want["q"], want["k"], want["v"], *want["params"]]):
+        err = rel(got, exp)
+        assert np.isfinite(got).all(), f"non-finite gradient of {name}"
+        assert err < 1e-4, f"gradient of {name}: relative error {err:.2e} against the float64 definition"
+
+
+CASES = [(c, p) for c in (False, True) for p in MASKS if not (c and p == "cross")]
+
+
+@pytest.mark.parametrize("causal, pattern", CASES, ids=[f"{'causal' if c else 'noncausal'}-{p}" for c, p in CASES])
+@pytest.mark.parametrize("path", ["fast", "core"])
+def test_paths_match_definition(xp_backend, rng, causal, pattern, path):
+    _check_against_reference(xp_backend, rng, causal=causal, pattern=pattern, path=path, method="auto")
+
+
+@pytest.mark.parametrize("pattern", MASKS[:-1])
+@pytest.mark.parametrize("method", ["naive", "recurrent"])
+def test_reference_strategies_match_definition(xp_backend, rng, method, pattern):
+    _check_against_reference(xp_backend, rng, causal=True, pattern=pattern, path="core", method=method)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("pattern", ["left", "holes"])
+def test_long_sequences_match_definition(xp_backend, rng, causal, pattern):
+    """N = 512 (the issue's bound): float32 rounding over many chunks and blocks."""
+    bk = xp_backend
+    q, k, v, g, key_mask = inputs(rng, pattern, n=512)
+    phi = glu()
+    kw = dict(causal=causal)
+    ref = reference_linear_attention(q, k, v, feature_map=phi, causal=causal, key_mask=key_mask)
+    grad_fn = GRADS.get(bk.name)
+    if grad_fn is None:
+        arrs = [bk.asarray(a) for a in (q, k, v)]
+        km = None if key_mask is None else bk.asarray(key_mask)
+        out = ka.linear_attention(*arrs, feature_map=phi.to(like=arrs[0]), key_mask=km, **kw)
+        assert rel(to_numpy(out), ref) < 1e-5
+        return
+    out, grads = grad_fn(bk, q, k, v, g, phi, key_mask, kw)
+    assert rel(out, ref) < 1e-5
+    want = reference_linear_attention_vjp(q, k, v, g, feature_map=phi, causal=causal, key_mask=key_mask)
+    for got, exp in zip(grads, [want["q"], want["k"], want["v"], *want["params"]]):
+        assert rel(got, exp) < 1e-4
+
+
+# ---------------------------------------------------------------------------
+# returned state, every kind, half precision
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("pattern", ["none", "left", "item"])
+def test_returned_state_matches_definition(xp_backend, rng, causal, pattern):
+    bk = xp_backend
+    q, k, v, _, key_mask = inputs(rng, pattern)
+    phi = glu()
+    S0 = np.abs(rng.standard_normal((B, H, D, D)))
+    z0 = np.abs(rng.standard_normal((B, H, D)))
+    ref, (S, z) = reference_linear_attention(q, k, v, feature_map=phi, causal=causal, key_mask=key_mask,
+                                             initial_state=(S0, z0), return_state=True)
+    arrs = [bk.asarray(a) for a in (q, k, v)]
+    km = None if key_mask is None else bk.asarray(key_mask)
+    for backend in (None, "agnostic"):
+        out, st = ka.linear_attention(*arrs, feature_map=phi.to(like=arrs[0]), key_mask=km, causal=causal,
+                                      initial_state=(bk.asarray(S0), bk.asarray(z0)), return_state=True,
+                                      chunk_size=CHUNK, backend=backend)
+        assert rel(to_numpy(out), ref) < 1e-5
+        assert rel(to_numpy(st.S), S) < 1e-5 and rel(to_numpy(st.z), z) < 1e-5
+
+
+KINDS = ("ffn", "aoglu", "hedgehog", "favor", "elu", "relu")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_every_kind_matches_definition(xp_backend, rng, kind, causal):
+    bk = xp_backend
+    q, k, v, _, key_mask = inputs(rng, "left")
+    phi = kind if kind in ("elu", "relu") else ka.feature_map(kind, num_heads=H, head_dim=D, seed=1,
+                                                               dtype="float64")
+    ref = reference_linear_attention(q, k, v, feature_map=phi, causal=causal, key_mask=key_mask)
+    arrs = [bk.asarray(a) for a in (q, k, v)]
+    fm = phi if isinstance(phi, str) else phi.to(like=arrs[0])
+    km = bk.asarray(key_mask)
+    for backend in (None, "agnostic"):
+        out = ka.linear_attention(*arrs, feature_map=fm, key_mask=km, causal=causal, chunk_size=CHUNK,
+                                  backend=backend)
+        assert rel(to_numpy(out), ref) < 1e-5, (backend, rel(to_numpy(out), ref))
+
+
+#: documented tolerance of half-precision inputs (computed in float32, rounded once on the way out
+#: and once on the way in): relative norm error against the float64 definition on the rounded inputs
+HALF_TOL = 5e-3
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_half_precision_within_documented_tolerance(xp_backend, rng, dtype, causal):
+    bk = xp_backend
+    if not bk.has(dtype):
+        pytest.skip(f"{bk.name} has no {dtype}")
+    q, k, v, _, key_mask = inputs(rng, "left")
+    arrs = [bk.asarray(a, dtype=dtype) for a in (q, k, v)]
+    rounded = [to_numpy(a).astype(np.float64) for a in arrs]
+    phi = glu()
+    ref = reference_linear_attention(*rounded, feature_map=phi, causal=causal, key_mask=key_mask)
+    for backend in (None, "agnostic"):
+        out = ka.linear_attention(*arrs, feature_map=phi.to(like=arrs[0], dtype=arrs[0].dtype),
+                                  key_mask=bk.asarray(key_mask), causal=causal, chunk_size=CHUNK, backend=backend)
+        assert out.dtype == arrs[0].dtype
+        assert rel(to_numpy(out).astype(np.float64), ref) < HALF_TOL
+
+
+# ---------------------------------------------------------------------------
+# zero denominators, eps = 0, relu on negative inputs (item 3)
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-6])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_zero_denominator_rows_give_zeros(xp_backend, rng, eps, causal):
+    bk = xp_backend
+    q, k, v, _, key_mask = inputs(rng, "item")
+    arrs = [bk.asarray(a) for a in (q, k, v)]
+    km = bk.asarray(key_mask)
+    for backend in (None, "agnostic"):
+        out = to_numpy(ka.linear_attention(*arrs, key_mask=km, causal=causal, eps=eps, backend=backend))
+        assert np.isfinite(out).all()
+        assert (out[1] == 0).all()                     # the fully padded batch item
+        ref = reference_linear_attention(q, k, v, causal=causal, key_mask=key_mask, eps=eps)
+        assert rel(out, ref) < 1e-5
+    # relu on all-negative inputs: phi = 0, so every denominator is 0
+    neg = [bk.asarray(-np.abs(a)) for a in (q, k)]
+    for backend in (None, "agnostic"):
+        out = to_numpy(ka.linear_attention(*neg, arrs[2], feature_map="relu", causal=causal, eps=eps,
+                                           backend=backend))
+        assert np.isfinite(out).all() and (out == 0).all()
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-6])
+def test_zero_denominator_rows_have_zero_gradient(xp_backend, rng, eps):
+    bk = xp_backend
+    grad_fn = GRADS.get(bk.name)
+    if grad_fn is None:
+        pytest.skip(f"{bk.name} has no gradient path")
+    q, k, v, g, key_mask = inputs(rng, "left")
+    phi = glu()
+    for backend in (None, "agnostic"):
+        kw = dict(causal=True, eps=eps, chunk_size=CHUNK, method="auto")
+        if backend:
+            kw["backend"] = backend
+        out, grads = grad_fn(bk, q, k, v, g, phi, key_mask, kw)
+        for x in grads:
+            assert np.isfinite(x).all()
+        assert (grads[0][1, :, :N - 3] == 0).all()     # rows with no real key before them
+        want = reference_linear_attention_vjp(q, k, v, g, feature_map=phi, causal=True, key_mask=key_mask, eps=eps)
+        assert rel(grads[0], want["q"]) < 1e-4 and rel(grads[1], want["k"]) < 1e-4
+
+
+# ---------------------------------------------------------------------------
+# empty inputs (item 4)
+
+
+@pytest.mark.parametrize("causal, n, l", [(False, 0, 0), (True, 0, 0), (False, 0, 5), (False, 5, 0)])
+def test_empty_inputs(xp_backend, causal, n, l):
+    bk = xp_backend
+    phi = glu(dtype="float32")
+    q = bk.asarray(np.zeros((2, H, n, D)))
+    k = bk.asarray(np.zeros((2, H, l, D)))
+    v = bk.asarray(np.zeros((2, H, l, 5)))
+    for backend in (None, "agnostic"):
+        for method in (("auto", "naive", "recurrent") if causal else ("auto",)):
+            out, st = ka.linear_attention(q, k, v, feature_map=phi.to(like=q), causal=causal, return_state=True,
+                                          method=method, backend=backend)
+            assert tuple(out.shape) == (2, H, n, 5)
+            assert out.dtype == q.dtype and type(out) is type(q)
+            assert tuple(st.S.shape) == (2, H, D, 5) and tuple(st.z.shape) == (2, H, D)
+            if l == 0:
+                assert (to_numpy(st.S) == 0).all() and (to_numpy(st.z) == 0).all()
+            if n:
+                assert (to_numpy(out) == 0).all()          # nothing to attend to
+    if n == l:
+        o, st = ka.linear_attention_step(q, k, v, feature_map=phi.to(like=q))
+        assert tuple(o.shape) == (2, H, 0, 5) and tuple(st.S.shape) == (2, H, D, 5)
