@@ -22,12 +22,21 @@ class Adapter:
     REFERENCE_METHODS = ("naive", "recurrent")
 
     def supports(self, op: str, *, device_type: str, dtype: str, **static) -> bool | str:
+        return self.runs_on_core(op, **static) or True
+
+    def runs_on_core(self, op: str, **static) -> str | None:
+        """Why this call goes to the core on any device and dtype, or None.
+
+        Such a call is not refused when this backend is named explicitly: the
+        core is what this backend runs for it (a reference method, or an
+        operation without a fast path).
+        """
         if getattr(self, op, None) is None:
             return f"no fast path for {op}"
         method = static.get("method")
         if op == "linear_attention" and method in self.REFERENCE_METHODS:
             return f"method={method!r} is a reference strategy; the core runs it"
-        return True
+        return None
 
     def __repr__(self) -> str:
         ops = [op for op in ("linear_attention", "softmax_attention") if getattr(self, op, None)]

@@ -38,6 +38,7 @@ import numpy as np
 
 import kernelattn as ka
 from kernelattn import _tree
+from kernelattn import _validation as _check
 from kernelattn import feature_maps as _fm
 from kernelattn._convert import to_numpy
 
@@ -125,6 +126,7 @@ class FeatureMap(nnx.Module):
             return
         if rngs is not None and seed is not None:
             raise ValueError("give rngs (JAX initialisation) or seed (NumPy initialisation), not both")
+        _check_rngs(rngs, optional=True)
         # kernelattn.feature_map checks the arguments and gives the structure;
         # with rngs, every array is then drawn again with JAX.
         phi = ka.feature_map(kind, num_heads=num_heads, head_dim=head_dim, feature_dim=feature_dim, depth=depth,
@@ -184,6 +186,13 @@ class FeatureMap(nnx.Module):
         return self.as_feature_map().key(x)
 
 
+def _check_rngs(rngs, *, optional=False):
+    if rngs is None and optional:
+        return
+    if not isinstance(rngs, nnx.Rngs):
+        raise TypeError(f"rngs must be a flax.nnx.Rngs (for instance nnx.Rngs(0)); got {_check.short(rngs)}")
+
+
 def _make_feature_map(feature_map, *, num_heads, head_dim, rngs, **options):
     if isinstance(feature_map, FeatureMap):
         return feature_map
@@ -194,7 +203,7 @@ def _make_feature_map(feature_map, *, num_heads, head_dim, rngs, **options):
             return FeatureMap(feature_map)
         return FeatureMap(feature_map, num_heads=num_heads, head_dim=head_dim, rngs=rngs, **options)
     raise TypeError(f"feature_map must be a kind name, a kernelattn.FeatureMap or a jax_nn.FeatureMap; "
-                    f"got {type(feature_map).__name__}")
+                    f"got {_check.short(feature_map)}")
 
 
 class MultiheadLinearAttention(nnx.Module):
@@ -230,13 +239,20 @@ class MultiheadLinearAttention(nnx.Module):
                  depth: int = 1, rank: int | None = None, tied: bool = True, kernel_bias: bool = False,
                  causal: bool = False, eps: float = 1e-6, chunk_size: int | None = None,
                  use_bias: bool = True, rngs: nnx.Rngs):
+        in_features, num_heads = _check.integer("in_features", in_features), _check.integer("num_heads", num_heads)
+        head_dim = _check.optional_integer("head_dim", head_dim)
+        out_features = _check.optional_integer("out_features", out_features)
+        eps, chunk_size = _check.nonnegative("eps", eps), _check.optional_integer("chunk_size", chunk_size)
+        causal, use_bias, tied, kernel_bias = (_check.flag(name, value) for name, value in (
+            ("causal", causal), ("use_bias", use_bias), ("tied", tied), ("kernel_bias", kernel_bias)))
+        _check_rngs(rngs)
         if head_dim is None:
             if in_features % num_heads:
                 raise ValueError(f"in_features={in_features} is not a multiple of num_heads={num_heads}; "
                                  f"pass head_dim")
             head_dim = in_features // num_heads
         self.num_heads, self.head_dim = num_heads, head_dim
-        self.causal, self.eps, self.chunk_size = bool(causal), float(eps), chunk_size
+        self.causal, self.eps, self.chunk_size = causal, eps, chunk_size
         width = num_heads * head_dim
         self.query = nnx.Linear(in_features, width, use_bias=use_bias, rngs=rngs)
         self.key = nnx.Linear(in_features, width, use_bias=use_bias, rngs=rngs)
@@ -301,6 +317,10 @@ class EncoderBlock(nnx.Module):
 
     def __init__(self, features: int, num_heads: int, *, mlp_features: int | None = None, dropout: float = 0.1,
                  causal: bool = False, rngs: nnx.Rngs, **attention_options):
+        features, num_heads = _check.integer("features", features), _check.integer("num_heads", num_heads)
+        mlp_features = _check.optional_integer("mlp_features", mlp_features)
+        dropout, causal = _check.probability("dropout", dropout), _check.flag("causal", causal)
+        _check_rngs(rngs)
         hidden = 4 * features if mlp_features is None else mlp_features
         self.norm1 = nnx.LayerNorm(features, rngs=rngs)
         self.attention = MultiheadLinearAttention(features, num_heads, causal=causal, rngs=rngs,

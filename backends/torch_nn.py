@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernelattn as ka
+from kernelattn import _validation as _check
 from kernelattn.backends import _torch_fmap
 from kernelattn.feature_maps import FeatureMap as _FeatureMap
 
@@ -221,13 +222,16 @@ class MultiheadLinearAttention(nn.Module):
                  bias: bool = True, kdim: int | None = None, vdim: int | None = None, eps: float = 1e-6,
                  chunk_size: int | None = None, seed=None, device=None, dtype=None):
         super().__init__()
-        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        embed_dim, num_heads = _check.integer("embed_dim", embed_dim), _check.integer("num_heads", num_heads)
         if embed_dim % num_heads:
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+            raise ValueError(f"embed_dim must be divisible by num_heads; got embed_dim={embed_dim}, "
+                             f"num_heads={num_heads}")
+        kdim, vdim = _check.optional_integer("kdim", kdim), _check.optional_integer("vdim", vdim)
+        dropout, eps = _check.probability("dropout", dropout), _check.nonnegative("eps", eps)
+        chunk_size = _check.optional_integer("chunk_size", chunk_size)
+        causal, batch_first, bias, kernel_bias, tied = (_check.flag(name, value) for name, value in (
+            ("causal", causal), ("batch_first", batch_first), ("bias", bias), ("kernel_bias", kernel_bias),
+            ("tied", tied)))
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
@@ -254,7 +258,7 @@ class MultiheadLinearAttention(nn.Module):
                                           rank=rank, bias=kernel_bias, tied=tied, seed=seed, **factory)
         else:
             raise TypeError(f"kernel must be a kind name or a kernelattn FeatureMap module; "
-                            f"got {type(kernel).__name__}")
+                            f"got {_check.short(kernel)}")
 
     # -- helpers ---------------------------------------------------------------
     def _heads(self, x, proj):
@@ -433,6 +437,11 @@ class LinearTransformerEncoderLayer(nn.Module):
                  bias: bool = True, eps: float = 1e-6, chunk_size: int | None = None, seed=None, device=None,
                  dtype=None):
         super().__init__()
+        dim_feedforward = _check.integer("dim_feedforward", dim_feedforward)
+        dropout = _check.probability("dropout", dropout)
+        if kernel_dropout is not None:
+            kernel_dropout = _check.probability("kernel_dropout", kernel_dropout)
+        layer_norm_eps = _check.positive("layer_norm_eps", layer_norm_eps)
         factory = {"device": device, "dtype": dtype}
         self.self_attn = MultiheadLinearAttention(
             d_model, nhead, kernel=kernel, depth=depth, feature_dim=feature_dim, rank=rank, kernel_bias=kernel_bias,
@@ -450,7 +459,8 @@ class LinearTransformerEncoderLayer(nn.Module):
                 raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)} or a callable; got {activation!r}")
             activation = _ACTIVATIONS[activation]
         elif not callable(activation):
-            raise TypeError(f"activation must be a name or a callable; got {type(activation).__name__}")
+            raise TypeError(f"activation must be one of {sorted(_ACTIVATIONS)} or a callable; "
+                            f"got {_check.short(activation)}")
         self.activation = activation
 
     def _ff(self, x):

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from . import _compat
 from ._agnostic import attention as _attention
+from ._validation import short as _short
 
 logger = logging.getLogger("kernelattn.dispatch")
 
@@ -99,8 +100,9 @@ def resolve(op: str, xp, *, device=None, dtype=None, backend: str | None = None,
     ``static`` holds hashable options that may change the choice (``causal``,
     ``method``, ``masked`` ...). The result is cached on these facts.
     """
-    if op not in CORE:
-        raise ValueError(f"unknown operation {op!r}; known: {sorted(CORE)}")
+    if not isinstance(op, str) or op not in CORE:
+        kind = TypeError if not isinstance(op, str) else ValueError
+        raise kind(f"unknown operation {_short(op)}; known: {sorted(CORE)}")
     if backend is not None and backend not in KNOWN_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {list(KNOWN_BACKENDS)}")
     library = _compat.library_name(xp)
@@ -156,7 +158,12 @@ def _resolve_cached(op, library, dev_type, dtype, static_items, backend, disable
     if answer is not True:
         reason = f"{library} adapter declines: {answer}"
         if backend is not None:
-            raise ValueError(f"backend={backend!r} cannot run this call: {answer}")
+            # a named backend runs reference methods (and operations it has no fast path for) on the
+            # core, as it would unnamed; only a real limitation of the backend is an error
+            core_reason = getattr(adapter, "runs_on_core", lambda op, **st: None)(op, **dict(static_items))
+            if core_reason is None:
+                raise ValueError(f"backend={backend!r} cannot run this call: {answer}")
+            return Resolution(op, "agnostic", core, f"backend={backend!r}: {core_reason}")
         logger.debug("%s: %s", op, reason)
         return Resolution(op, "agnostic", core, reason)
     fn = getattr(adapter, op, None)

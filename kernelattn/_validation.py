@@ -1,22 +1,197 @@
-"""Input checks shared by the public functions: clear errors, named arguments."""
+"""Input checks shared by the public functions: clear errors, named arguments.
+
+Every refusal is a ValueError (a wrong value) or a TypeError (a wrong kind of
+object) in one line that names the argument, shows what was received and
+says what is allowed. The scalar checks also convert: NumPy scalars and 0-d
+arrays are accepted wherever a Python number is, and come back as ``int``,
+``float`` or ``bool``.
+"""
 
 from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
 
 from . import _compat
 
 _FLOAT_NAMES = "float16, bfloat16, float32 or float64"
+_ARRAY_LIBS = "NumPy, PyTorch, JAX, CuPy, Dask or any array-API library"
+
+
+def short(value, limit: int = 60) -> str:
+    """``repr(value)`` on one line, shortened; arrays of any rank > 0 by type, shape and dtype."""
+    if _compat.is_array_api_obj(value) and getattr(value, "ndim", 0) != 0:
+        return f"{type(value).__name__} of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, (tuple, list)) and any(_compat.is_array_api_obj(a) for a in value):
+        inner = ", ".join(short(a, limit) for a in value)
+        text = f"({inner}{',' if len(value) == 1 else ''})" if isinstance(value, tuple) else f"[{inner}]"
+        return text if len(text) <= 3 * limit else text[: 3 * limit - 3] + "..."
+    try:
+        text = " ".join(repr(value).split())
+    except Exception:  # a broken __repr__ must not hide the real error
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------
+# scalars
+
+
+def flag(name: str, value) -> bool:
+    """A real boolean (``bool`` or ``numpy.bool_``): a string such as "False" is refused."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool (True or False); got {short(value)}")
+
+
+def _scalar(value):
+    """A NumPy scalar or 0-d array unwrapped to a Python number; anything else as it is."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value.item()
+    return value
+
+
+def number(name: str, value, *, low: float | None = None, strict: bool = False, high: float | None = None,
+           high_strict: bool = True, finite: bool = True, allowed: str | None = None) -> float:
+    """A real number as ``float``, checked against ``low`` (``> low`` if ``strict``) and ``high``.
+
+    Accepts Python and NumPy ints and floats and 0-d arrays of them; refuses
+    bools, strings, complex numbers and arrays of rank > 0 (TypeError), and
+    NaN, infinities (unless ``finite=False``) and values out of range (ValueError).
+    """
+    if allowed is None:
+        allowed = "a finite number" if finite else "a number"
+        if low is not None:
+            allowed += f" {'>' if strict else '>='} {low:g}"
+        if high is not None:
+            allowed += f"{' and' if low is not None else ''} {'<' if high_strict else '<='} {high:g}"
+    raw = _scalar(value)
+    if _compat.is_array_api_obj(raw) and getattr(raw, "ndim", None) == 0:
+        try:  # 0-d arrays of other libraries (concrete values only, not traced ones)
+            raw = float(raw)
+        except Exception:
+            raise TypeError(f"{name} must be {allowed} (a concrete value); got {short(value)}") from None
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise TypeError(f"{name} must be {allowed}; got {short(value)}")
+    x = float(raw)
+    bad = math.isnan(x) or (finite and math.isinf(x))
+    if low is not None:
+        bad = bad or (x <= low if strict else x < low)
+    if high is not None:
+        bad = bad or (x >= high if high_strict else x > high)
+    if bad:
+        raise ValueError(f"{name} must be {allowed}; got {short(value)}")
+    return x
+
+
+def nonnegative(name: str, value) -> float:
+    """A finite number >= 0 (eps, floor, lr, weight decay, penalty weights)."""
+    return number(name, value, low=0.0)
+
+
+def positive(name: str, value) -> float:
+    """A finite number > 0 (scale, layer-norm eps)."""
+    return number(name, value, low=0.0, strict=True)
+
+
+def probability(name: str, value) -> float:
+    """A dropout rate: a finite number in [0, 1)."""
+    return number(name, value, low=0.0, high=1.0, allowed="a number in [0, 1)")
+
+
+def integer(name: str, value, *, low: int | None = 1, allowed: str | None = None) -> int:
+    """An integer as ``int`` (``operator.index``: NumPy ints and 0-d int arrays pass), ``>= low``."""
+    if allowed is None:
+        allowed = {1: "a positive integer", 0: "a non-negative integer", None: "an integer"}.get(
+            low, f"an integer >= {low}")
+    raw = _scalar(value)
+    if isinstance(raw, bool):
+        raise TypeError(f"{name} must be {allowed}; got {short(value)}")
+    try:
+        n = operator.index(raw)
+    except TypeError:
+        raise TypeError(f"{name} must be {allowed}; got {short(value)}") from None
+    if low is not None and n < low:
+        raise ValueError(f"{name} must be {allowed}; got {short(value)}")
+    return n
+
+
+def optional_integer(name: str, value, *, low: int | None = 1) -> int | None:
+    return None if value is None else integer(name, value, low=low)
+
+
+def choice(name: str, value, options, *, unknown: str | None = None) -> str:
+    """One of the strings ``options``; ``unknown`` replaces the message for an unknown string."""
+    listed = list(options)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {listed} (a string); got {short(value)}")
+    if value not in listed:
+        raise ValueError(unknown or f"{name} must be one of {listed}; got {short(value)}")
+    return value
+
+
+def rng(name: str, seed) -> np.random.Generator:
+    """A NumPy Generator from ``seed``: None, a non-negative integer, or a Generator."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    allowed = "None, a non-negative integer or a numpy.random.Generator"
+    if seed is None:
+        return np.random.default_rng()
+    raw = _scalar(seed)
+    if isinstance(raw, bool):
+        raise TypeError(f"{name} must be {allowed}; got {short(seed)}")
+    try:
+        n = operator.index(raw)
+    except TypeError:
+        raise TypeError(f"{name} must be {allowed}; got {short(seed)}") from None
+    if n < 0:
+        raise ValueError(f"{name} must be {allowed}; got {short(seed)}")
+    return np.random.default_rng(n)
+
+
+def positive_number(name, value):
+    """Kept for callers of the old name: a finite number >= 0, as ``float``."""
+    return nonnegative(name, value)
+
+
+def positive_int(name, value):
+    """A positive integer, as ``int``."""
+    return integer(name, value, low=1)
+
+
+# ---------------------------------------------------------------------------
+# arrays
+
+
+def array(name: str, a):
+    """Raise a TypeError unless ``a`` is an array of some array-API library."""
+    if not _compat.is_array_api_obj(a):
+        raise TypeError(f"{name} must be an array ({_ARRAY_LIBS}); got {described(a)}")
+    return a
+
+
+def described(value) -> str:
+    """``value`` for a message about its type: ``None``, or its type and a shortened repr."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return short(value)
+    return f"a {type(value).__name__} {short(value, 40)}"
 
 
 def namespace_of(**arrays):
-    """The one namespace of the named arrays (``None`` ignored); a clear error otherwise."""
+    """The one namespace of the named arrays (``None`` ignored unless all are); a clear error otherwise."""
     libs = {}
     for name, a in arrays.items():
         if a is None:
             continue
-        if not _compat.is_array_api_obj(a):
-            raise TypeError(f"{name} must be an array (NumPy, PyTorch, JAX, CuPy, Dask or any "
-                            f"array-API library); got {type(a).__name__}")
+        array(name, a)
         libs[name] = _compat.array_namespace(a)
+    if not libs:
+        name = next(iter(arrays), "the input")
+        raise TypeError(f"{name} must be an array ({_ARRAY_LIBS}); got None")
     names = {n: _compat.library_name(x) for n, x in libs.items()}
     if len(set(names.values())) > 1:
         detail = ", ".join(f"{n} is {lib}" for n, lib in names.items())
@@ -66,21 +241,14 @@ def check_ndim(name, a, ndim, axes):
         raise ValueError(f"{name} must have {ndim} dimensions {axes}; got shape {tuple(a.shape)}")
 
 
-def positive_number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{name} must be a non-negative number; got {value!r}")
-
-
-def positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}")
-
-
 def check_attention_inputs(q, k, v, *, key_mask=None, causal=False):
-    """Validate (B, H, N, d) queries, (B, H, L, d) keys, (B, H, L, e) values and a (B, L) mask.
+    """Validate (B, H, N, d) queries, (B, H, L, d) keys, (B, H, L, e) values, a (B, L) mask and ``causal``.
 
     Returns the namespace.
     """
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        array(name, a)
+    flag("causal", causal)
     xp = namespace_of(q=q, k=k, v=v, key_mask=key_mask)
     for name, a in (("q", q), ("k", k), ("v", v)):
         check_ndim(name, a, 4, "(B, H, N, d)" if name == "q" else "(B, H, L, d)")
@@ -107,3 +275,54 @@ def check_attention_inputs(q, k, v, *, key_mask=None, causal=False):
             raise TypeError(f"key_mask must be boolean (True = a real key); got {key_mask.dtype}")
     same_device(q=q, k=k, v=v, key_mask=key_mask)
     return xp
+
+
+def feature_size(phi, q):
+    """m, the width phi gives, when it is known without running phi (None for callables)."""
+    if phi is None:
+        return None
+    m = getattr(phi, "feature_dim", None)
+    if m is None and getattr(phi, "kind", "callable") in ("elu", "relu"):
+        return q.shape[-1]  # shape-free maps keep the width
+    return m
+
+
+def check_state(state, q, *, B, H, e, m=None, name="state"):
+    """A decoding state (S, z): S (B, H, m, e), z (B, H, m), real floating, with q's library and device."""
+    if state is None:
+        return None
+    if not (isinstance(state, tuple) and len(state) == 2):
+        raise TypeError(f"{name} must be a LinearAttentionState (S, z) of two arrays; got {short(state)}")
+    S, z = state
+    array(f"{name}.S", S)
+    array(f"{name}.z", z)
+    xp = namespace_of(**{"q": q, f"{name}.S": S, f"{name}.z": z})
+    same_device(**{"q": q, f"{name}.S": S, f"{name}.z": z})
+    for part, a in (("S", S), ("z", z)):
+        if not xp.isdtype(a.dtype, "real floating"):
+            raise TypeError(f"{name}.{part} must have a real floating dtype ({_FLOAT_NAMES}); got {a.dtype}")
+    want_m = "m" if m is None else str(m)
+    if (S.ndim != 4 or S.shape[0] != B or S.shape[1] != H or S.shape[3] != e
+            or (m is not None and S.shape[2] != m)):
+        why = "" if m is None else f" (m is the feature map's feature size, {m})"
+        raise ValueError(f"{name}.S must have shape (B, H, m, e) = ({B}, {H}, {want_m}, {e}){why}; "
+                         f"got {tuple(S.shape)}")
+    if z.ndim != 3 or tuple(z.shape) != tuple(S.shape[:3]):
+        raise ValueError(f"{name}.z must have shape (B, H, m) = {tuple(S.shape[:3])}; got {tuple(z.shape)}")
+    return state
+
+
+def check_features(y, x, *, role: str):
+    """The output of a user's feature map: an array (B, H, N, m) with the leading dims of ``x``."""
+    which = "feature_map" if role == "query" else "feature_map's key map"
+    lead = tuple(x.shape[:3])
+    want = "(" + ", ".join(str(n) for n in lead) + ", m)"
+    if not _compat.is_array_api_obj(y):
+        raise TypeError(f"{which} must return an array of shape (B, H, N, m) = {want}; got {short(y)}")
+    if y.ndim != 4 or tuple(y.shape[:3]) != lead:
+        raise ValueError(f"{which} must map (B, H, N, d) = {tuple(x.shape)} to (B, H, N, m) = {want}; "
+                         f"got shape {tuple(y.shape)}")
+    xp = _compat.array_namespace(y)
+    if not xp.isdtype(y.dtype, "real floating"):
+        raise TypeError(f"{which} must return a real floating array ({_FLOAT_NAMES}); got dtype {y.dtype}")
+    return y

@@ -45,19 +45,9 @@ class LinearAttentionState(NamedTuple):
     z: object
 
 
-def _check_state(state, q, *, B, H, e):
-    if state is None:
-        return None
-    if not (isinstance(state, tuple) and len(state) == 2):
-        raise TypeError(f"state must be a LinearAttentionState (S, z); got {type(state).__name__}")
-    S, z = state
-    _validation.namespace_of(**{"q": q, "state.S": S, "state.z": z})
-    _validation.same_device(**{"q": q, "state.S": S, "state.z": z})
-    if S.ndim != 4 or S.shape[0] != B or S.shape[1] != H or S.shape[3] != e:
-        raise ValueError(f"state.S must have shape (B, H, m, e) = ({B}, {H}, m, {e}); got {tuple(S.shape)}")
-    if z.ndim != 3 or tuple(z.shape) != tuple(S.shape[:3]):
-        raise ValueError(f"state.z must have shape (B, H, m) = {tuple(S.shape[:3])}; got {tuple(z.shape)}")
-    return state
+def _check_state(state, q, *, B, H, e, feature_map=None):
+    # with feature_map given, the state's m must be the map's feature size (when known without running it)
+    return _validation.check_state(state, q, B=B, H=H, e=e, m=_validation.feature_size(feature_map, q))
 
 
 def _isolated_inputs(q, k, v, key_mask, initial_state, *, causal, xp):
@@ -78,11 +68,10 @@ def _isolated_inputs(q, k, v, key_mask, initial_state, *, causal, xp):
 
 
 def _static_checks(eps, chunk_size, method):
-    _validation.positive_number("eps", eps)
-    if chunk_size is not None:
-        _validation.positive_int("chunk_size", chunk_size)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}; got {method!r}")
+    """Check the static options; returns (eps, chunk_size, method) as Python float, int (or None), str."""
+    eps = _validation.nonnegative("eps", eps)
+    chunk_size = _validation.optional_integer("chunk_size", chunk_size)
+    return eps, chunk_size, _validation.choice("method", method, METHODS)
 
 
 def linear_attention(
@@ -285,7 +274,7 @@ def softmax_attention(
     """
     xp = _validation.check_attention_inputs(q, k, v, key_mask=key_mask, causal=causal)
     if scale is not None:
-        _validation.positive_number("scale", scale)
+        scale = _validation.positive("scale", scale)
     impl = _dispatch.resolve("softmax_attention", xp, device=_validation._device_or_none(q), dtype=q.dtype,
                              backend=backend, causal=bool(causal), masked=key_mask is not None)
     q, k, v, _, guard = _isolated_inputs(q, k, v, key_mask, None, causal=causal, xp=xp)
@@ -309,6 +298,7 @@ def softmax_attention_weights(q, k, /, *, causal: bool = False, key_mask=None, s
     array, shape (B, H, N, L), in the dtype of ``q``
     """
     xp = _validation.check_attention_inputs(q, k, k, key_mask=key_mask, causal=causal)
+    scale = None if scale is None else _validation.positive("scale", scale)
     cdt = compute_dtype(q.dtype, xp=xp)
     w = _core.softmax_weights(cast(q, cdt, xp=xp), cast(k, cdt, xp=xp), causal=causal,
                               key_mask=key_mask, scale=scale, xp=xp)
@@ -332,7 +322,7 @@ def linear_attention_weights(q, k, /, *, feature_map="elu", causal: bool = False
     array, shape (B, H, N, L), in the dtype of ``q``
     """
     xp = _validation.check_attention_inputs(q, k, k, key_mask=key_mask, causal=causal)
-    _validation.positive_number("eps", eps)
+    eps = _validation.nonnegative("eps", eps)
     phi = as_feature_map(feature_map)
     phi.check_compatible(q, name="q")
     cdt = compute_dtype(q.dtype, xp=xp)

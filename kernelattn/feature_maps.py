@@ -151,7 +151,7 @@ class FeatureMap:
         if self.head_dim is not None and d != self.head_dim:
             raise ValueError(f"feature map {self.kind!r} was built for head_dim={self.head_dim}, "
                              f"but {name} has d={d} (shape {tuple(x.shape)})")
-        arrays = _tree.leaves(self.params) + _tree.leaves(self.buffers)
+        arrays = _check_leaves(self)
         if not arrays:
             return
         lib_x = _compat.library_name(_compat.array_namespace(x))
@@ -224,19 +224,58 @@ class FeatureMap:
         return f"FeatureMap({', '.join(parts)})"
 
 
-class CallableFeatureMap:
-    """Wraps user callables (one, or a (query, key) pair) to the core's interface."""
+def _check_leaves(phi) -> list:
+    """The arrays of ``phi`` (params, then buffers); a TypeError naming the first leaf that is not one."""
+    arrays = []
+    for part in ("params", "buffers"):
+        for path, leaf in _tree_paths(getattr(phi, part), part):
+            if not _compat.is_array_api_obj(leaf):
+                raise TypeError(f"feature map {path} must be an array; got {_validation.short(leaf)}")
+            arrays.append(leaf)
+    return arrays
 
-    __slots__ = ("query_fn", "key_fn")
+
+def _tree_paths(tree, prefix):
+    # (path, leaf) in the order of _tree.leaves
+    if isinstance(tree, dict):
+        for key in sorted(tree):
+            yield from _tree_paths(tree[key], f"{prefix}[{key!r}]")
+    elif isinstance(tree, (list, tuple)):
+        for i, item in enumerate(tree):
+            yield from _tree_paths(item, f"{prefix}[{i}]")
+    elif tree is not None:
+        yield prefix, tree
+
+
+class CallableFeatureMap:
+    """Wraps user callables (one, or a (query, key) pair) to the core's interface.
+
+    Their outputs are checked (an array (B, H, N, m) with the input's leading
+    dims, one m for queries and keys) so that a wrong map fails here, named,
+    not inside the attention products.
+    """
+
+    __slots__ = ("query_fn", "key_fn", "_widths")
     kind = "callable"
     num_heads = head_dim = feature_dim = None
 
     def __init__(self, query_fn, key_fn=None):
         self.query_fn = query_fn
         self.key_fn = query_fn if key_fn is None else key_fn
+        self._widths = {}
 
     def apply(self, x, *, role, xp):
-        return (self.query_fn if role == "query" else self.key_fn)(x)
+        pair = self.key_fn is not self.query_fn
+        y = _validation.check_features((self.query_fn if role == "query" else self.key_fn)(x), x,
+                                       role=role if pair else "query")
+        if pair:
+            m, other = y.shape[-1], self._widths.get("key" if role == "query" else "query")
+            if other is not None and other != m:
+                got = {role: m, ("key" if role == "query" else "query"): other}
+                raise ValueError(f"feature_map's query and key maps must give the same feature size m; "
+                                 f"got m={got['query']} for queries and m={got['key']} for keys")
+            self._widths[role] = m
+        return y
 
     def check_compatible(self, x, *, name="q"):
         return None
@@ -256,12 +295,15 @@ def as_feature_map(feature_map):
                          f"a FeatureMap, or a callable")
     if isinstance(feature_map, tuple) and len(feature_map) == 2 and all(map(callable, feature_map)):
         return CallableFeatureMap(*feature_map)
+    if isinstance(feature_map, tuple):
+        raise TypeError(f"feature_map as a tuple must be a (query map, key map) pair of callables; "
+                        f"got {_validation.short(feature_map)}")
     if hasattr(feature_map, "as_feature_map"):  # framework modules (torch, flax)
         return feature_map.as_feature_map()
     if callable(feature_map):
         return CallableFeatureMap(feature_map)
     raise TypeError(f"feature_map must be a FeatureMap, a kind name, a callable or a "
-                    f"(query, key) pair of callables; got {type(feature_map).__name__}")
+                    f"(query, key) pair of callables; got {_validation.short(feature_map)}")
 
 
 # ---------------------------------------------------------------------------
@@ -295,11 +337,7 @@ def _placement(like, xp, device, dtype):
 
 
 def _rng(seed) -> np.random.Generator:
-    if isinstance(seed, np.random.Generator):
-        return seed
-    if seed is None or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)):
-        return np.random.default_rng(seed)
-    raise TypeError(f"seed must be an int, a numpy.random.Generator or None; got {type(seed).__name__}")
+    return _validation.rng("seed", seed)
 
 
 def _orthogonal(rng, heads, d_in, d_out):
@@ -413,17 +451,18 @@ def feature_map(
     >>> phi(x).shape, ka.num_params(phi)
     ((2, 8, 5, 64), 65536)
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown feature-map kind {kind!r}; expected one of {sorted(KINDS)}")
-    _validation.positive_int("depth", depth)
+    kind = _validation.choice("kind", kind, sorted(KINDS), unknown=f"unknown feature-map kind {kind!r}; "
+                              f"expected one of {sorted(KINDS)}" if isinstance(kind, str) else None)
+    depth = _validation.integer("depth", depth)
+    bias, tied = _validation.flag("bias", bias), _validation.flag("tied", tied)
+    num_heads, head_dim, feature_dim, rank = (_validation.optional_integer(name, value) for name, value in (
+        ("num_heads", num_heads), ("head_dim", head_dim), ("feature_dim", feature_dim), ("rank", rank)))
+    rng = _rng(seed)  # before any work: a bad seed is an argument error like the others
     if depth != 1 and kind not in _STACKABLE:
         raise ValueError(f"depth applies to {_STACKABLE}; {kind!r} has one block, got depth={depth}")
     if kind in _NEEDS_SHAPE:
         if num_heads is None or head_dim is None:
             raise ValueError(f"feature map {kind!r} needs num_heads and head_dim")
-    for name, value in (("num_heads", num_heads), ("head_dim", head_dim), ("feature_dim", feature_dim)):
-        if value is not None:
-            _validation.positive_int(name, value)
     if kind in ("elu", "relu") and feature_dim is not None and feature_dim != head_dim:
         raise ValueError(f"{kind!r} keeps the width (m = d); got feature_dim={feature_dim}")
     if feature_dim is None and head_dim is not None:
@@ -432,7 +471,6 @@ def feature_map(
         raise ValueError(f"hedgehog's feature_dim must be even ([softmax(y), softmax(-y)]); got {feature_dim}")
     if kind == "aoglu":
         rank = max(1, head_dim // 4) if rank is None else rank
-        _validation.positive_int("rank", rank)
     elif rank is not None:
         raise ValueError(f"rank applies to 'aoglu' only; got rank={rank} for {kind!r}")
     if kind not in ("ffn", "glu", "aoglu", "hedgehog"):
@@ -443,7 +481,6 @@ def feature_map(
     spec = FeatureMapSpec(kind, num_heads, head_dim, feature_dim, depth, rank, bool(bias), bool(tied))
 
     xp, device, dtype = _placement(like, xp, device, dtype)
-    rng = _rng(seed)
     params, buffers = {}, {}
     if kind in ("ffn", "glu", "aoglu", "hedgehog"):
         if tied:
@@ -471,7 +508,8 @@ def num_params(phi) -> int:
     if hasattr(phi, "as_feature_map"):
         phi = phi.as_feature_map()
     if not isinstance(phi, FeatureMap):
-        raise TypeError(f"num_params expects a FeatureMap; got {type(phi).__name__}")
+        raise TypeError(f"num_params expects a FeatureMap; got {_validation.short(phi)}")
+    _check_leaves(phi)
     return sum(math.prod(a.shape) for a in phi.parameters())
 
 
@@ -493,7 +531,10 @@ def orthogonality_penalty(phi, *, weight: float = 1.0):
     if hasattr(phi, "as_feature_map"):
         phi = phi.as_feature_map()
     if not isinstance(phi, FeatureMap):
-        raise TypeError(f"orthogonality_penalty expects a FeatureMap; got {type(phi).__name__}")
+        raise TypeError(f"orthogonality_penalty expects a FeatureMap; got {_validation.short(phi)}")
+    if not _compat.is_array_api_obj(weight) or isinstance(weight, np.ndarray):  # arrays may be traced
+        weight = _validation.nonnegative("weight", weight)
+    _check_leaves(phi)
     weights = phi.main_weights()
     if not weights:
         return 0.0

@@ -86,6 +86,9 @@ def approximation_error(phi, q, k, v, /, *, causal: bool = False, key_mask=None,
     >>> 0 < err.output_error < 2 and err.attention_kl > 0
     True
     """
+    if v is None:
+        raise ValueError("approximation_error needs the values v (B, H, L, e) to measure the output error; "
+                         "got None")
     mse = output_mse(phi, q, k, v, causal=causal, key_mask=key_mask, eps=eps, scale=scale)
     kl = attention_kl(phi, q, k, causal=causal, key_mask=key_mask, eps=eps, scale=scale, floor=floor)
     return ApproximationError(math.sqrt(max(float(mse), 0.0)), float(kl))
@@ -261,14 +264,28 @@ def fit_feature_map(
     >>> hist.loss[-1] < hist.loss[0]
     True
     """
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {sorted(LOSSES)}; got {loss!r}")
-    if grad not in GRADS:
-        raise ValueError(f"grad must be one of {list(GRADS)}; got {grad!r}")
-    _validation.positive_int("steps", steps)
+    loss = _validation.choice("loss", loss, sorted(LOSSES))
+    grad = _validation.choice("grad", grad, GRADS)
+    steps = _validation.integer("steps", steps)
+    lr = _validation.nonnegative("lr", lr)
+    ortho_weight = _validation.nonnegative("ortho_weight", ortho_weight)
+    eps = _validation.nonnegative("eps", eps)
+    scale = None if scale is None else _validation.positive("scale", scale)
+    if optimizer is not None and not (callable(getattr(optimizer, "init", None))
+                                      and callable(getattr(optimizer, "update", None))):
+        raise TypeError(f"optimizer must be a kernelattn.optim optimiser (Adam, AdamW) or None; "
+                        f"got {_validation.short(optimizer)}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be a callable (step, phi, loss) or None; got {_validation.short(callback)}")
+    if not isinstance(progress, dict):
+        _validation.flag("progress", progress)
+    if not isinstance(seed, np.random.Generator):
+        seed = _validation.rng("seed", seed)
     if loss == "output_mse" and v is None:
-        raise ValueError("loss='output_mse' compares attention outputs, so it needs the values v")
+        raise ValueError("loss='output_mse' compares attention outputs, so it needs the values v; got None")
     xp = _validation.check_attention_inputs(q, k, k if v is None else v, key_mask=key_mask, causal=causal)
+    if not (isinstance(phi, (FeatureMap, str)) or hasattr(phi, "as_feature_map")):
+        raise TypeError(f"phi must be a trainable FeatureMap (ffn, glu, aoglu, hedgehog); got {_validation.short(phi)}")
     phi = as_feature_map(phi)
     if not isinstance(phi, FeatureMap) or not phi.parameters():
         raise ValueError(f"fit_feature_map needs a trainable FeatureMap (ffn, glu, aoglu, hedgehog); "
@@ -276,20 +293,23 @@ def fit_feature_map(
     phi.check_compatible(q, name="q")
     B = q.shape[0]
     if batch_size is not None:
-        _validation.positive_int("batch_size", batch_size)
+        batch_size = _validation.integer("batch_size", batch_size)
         if batch_size > B:
             raise ValueError(f"batch_size={batch_size} exceeds the {B} sequences in q")
     if eval_every is None:
         eval_every = max(1, steps // 20)
-    _validation.positive_int("eval_every", eval_every)
+    eval_every = _validation.integer("eval_every", eval_every)
     if eval_data is not None:
         if not (isinstance(eval_data, (tuple, list)) and len(eval_data) in (3, 4)):
-            raise ValueError("eval_data must be a tuple (q, k, v) or (q, k, v, key_mask)")
+            raise ValueError(f"eval_data must be a tuple (q, k, v) or (q, k, v, key_mask); "
+                             f"got {_validation.short(eval_data)}")
         eval_data = tuple(eval_data) + (None,) * (4 - len(eval_data))
+        for name, a in zip(("q", "k", "v"), eval_data):
+            _validation.array(f"eval_data's {name}", a)
     opt = Adam(lr) if optimizer is None else optimizer
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    rng = seed  # a Generator, checked above
     kind = "manual" if grad == "auto" else grad
-    options = dict(causal=bool(causal), eps=float(eps), scale=scale)
+    options = dict(causal=bool(causal), eps=eps, scale=scale)
     step_fn = _grad_fn(kind, xp, loss, options, ortho_weight)
     lib = _compat.library_name(xp)
     device = _compat.device(q)

@@ -92,12 +92,12 @@ def _grad_map(phi: FeatureMap, params) -> FeatureMap:
     return FeatureMap(phi.spec, params, {})
 
 
-def _differentiable(phi):
-    phi = as_feature_map(phi)
+def _differentiable(given, name="feature_map"):
+    phi = as_feature_map(given)
     if not isinstance(phi, FeatureMap):
-        raise TypeError("hand-derived gradients need a FeatureMap (from ka.feature_map) or the name of a "
-                        "fixed map ('elu', 'relu'); a plain callable cannot be differentiated here: use "
-                        "torch autograd or jax.grad for it")
+        raise TypeError(f"{name} must be a FeatureMap (from ka.feature_map) or 'elu' / 'relu' for hand-derived "
+                        f"gradients, not a plain callable (use torch autograd or jax.grad for it); "
+                        f"got {_validation.short(given)}")
     return phi
 
 
@@ -131,12 +131,11 @@ def feature_map_vjp(phi, x, /, *, role: str = "query"):
     >>> gx.shape, gphi.params["shared"][0]["W"].shape
     ((1, 2, 5, 4), (2, 4, 4))
     """
-    phi = _differentiable(phi)
-    xp = _validation.namespace_of(x=x)
+    phi = _differentiable(phi, "phi")
+    xp = _validation.namespace_of(x=_validation.array("x", x))
     _validation.check_ndim("x", x, 4, "(B, H, N, d)")
     _validation.real_floating(xp, "x", x)
-    if role not in ("query", "key"):
-        raise ValueError(f"role must be 'query' or 'key'; got {role!r}")
+    _validation.choice("role", role, ("query", "key"))
     phi.check_compatible(x, name="x")
     dtype = x.dtype
     cdt = compute_dtype(dtype, xp=xp)
@@ -144,7 +143,7 @@ def feature_map_vjp(phi, x, /, *, role: str = "query"):
                                      buffers=phi.buffers, xp=xp)
 
     def vjp(gy):
-        _validation.namespace_of(x=x, gy=gy)
+        _validation.namespace_of(x=x, gy=_validation.array("gy", gy))
         if tuple(gy.shape) != tuple(y.shape):
             raise ValueError(f"gy must have the shape of phi(x), {tuple(y.shape)}; got {tuple(gy.shape)}")
         gx, gblocks = inner(cast(gy, cdt, xp=xp))
@@ -214,12 +213,13 @@ def linear_attention_vjp(
     [(2, 8, 8), (2, 8, 8), (2, 8, 8)]
     """
     xp = _validation.check_attention_inputs(q, k, v, key_mask=key_mask, causal=causal)
-    _static_checks(eps, chunk_size, method)
+    eps, chunk_size, method = _static_checks(eps, chunk_size, method)
+    return_state = _validation.flag("return_state", return_state)
     phi = _differentiable(feature_map)
     phi.check_compatible(q, name="q")
     phi.check_compatible(k, name="k")
     B, H, e = q.shape[0], q.shape[1], v.shape[3]
-    initial_state = _check_state(initial_state, q, B=B, H=H, e=e)
+    initial_state = _check_state(initial_state, q, B=B, H=H, e=e, feature_map=phi)
     dtypes = (q.dtype, k.dtype, v.dtype)
     cdt = compute_dtype(q.dtype, xp=xp)
     qc, kc, vc, init, guard = _isolated_inputs(q, k, v, key_mask, initial_state, causal=causal, xp=xp)
@@ -232,11 +232,12 @@ def linear_attention_vjp(
     out_shape = tuple(out.shape)
 
     def vjp(g_out, g_state=None):
-        _validation.namespace_of(q=q, g_out=g_out)
+        _validation.namespace_of(q=q, g_out=_validation.array("g_out", g_out))
         if tuple(g_out.shape) != out_shape:
             raise ValueError(f"g_out must have the shape of the output, {out_shape}; got {tuple(g_out.shape)}")
         if g_state is not None:
-            g_state = tuple(cast(s, cdt, xp=xp) for s in _check_state(g_state, q, B=B, H=H, e=e))
+            g_state = tuple(cast(s, cdt, xp=xp) for s in _validation.check_state(
+                g_state, q, B=B, H=H, e=e, m=None if state is None else state[1].shape[2], name="g_state"))
         g_out = cast(g_out, cdt, xp=xp)
         if guard is not None:  # outputs set to NaN were computed from zeros: no gradient flows back
             g_out = xp.where(guard[0][..., None], xp.zeros_like(g_out), g_out)
@@ -318,14 +319,19 @@ def value_and_grad(
     >>> bool(np.isclose(value, ka.losses.attention_kl(phi, q, k)))
     True
     """
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {sorted(LOSSES)}; got {loss!r}")
+    loss = _validation.choice("loss", loss, sorted(LOSSES))
+    if isinstance(wrt, str):  # one name
+        wrt = (wrt,)
+    if not isinstance(wrt, (tuple, list, set, frozenset)):
+        raise TypeError(f"wrt must be a sequence of names from {list(_WRT)}; got {_validation.short(wrt)}")
     wrt = tuple(wrt)
     bad = [w for w in wrt if w not in _WRT]
     if bad:
         raise ValueError(f"wrt must name some of {list(_WRT)}; got {bad}")
-    _validation.positive_number("ortho_weight", ortho_weight)
-    _static_checks(eps, chunk_size, method)
+    ortho_weight = _validation.nonnegative("ortho_weight", ortho_weight)
+    eps, chunk_size, method = _static_checks(eps, chunk_size, method)
+    floor = _validation.nonnegative("floor", floor)
+    scale = None if scale is None else _validation.positive("scale", scale)
     dtypes = {name: getattr(a, "dtype", None) for name, a in (("q", q), ("k", k), ("v", v))}
     xp, phi, qc, kc, vc = _prepare(phi, q, k, v, key_mask=key_mask, causal=causal, eps=eps, scale=scale,
                                    floor=floor, need_v=loss == "output_mse")

@@ -36,16 +36,16 @@ def _prepare(phi, q, k, v=None, *, key_mask=None, causal=False, eps=1e-6, scale=
              need_v=False):
     """Validate a distillation call; returns (xp, phi, q, k, v) with arrays in the compute dtype."""
     if need_v and v is None:
-        raise ValueError("this loss compares attention outputs, so it needs the values v (B, H, L, e)")
+        raise ValueError("this loss compares attention outputs, so it needs the values v (B, H, L, e); got None")
     xp = _validation.check_attention_inputs(q, k, k if v is None else v, key_mask=key_mask, causal=causal)
-    _validation.positive_number("eps", eps)
-    _validation.positive_number("floor", floor)
+    _validation.nonnegative("eps", eps)
+    _validation.nonnegative("floor", floor)
     if scale is not None:
-        _validation.positive_number("scale", scale)
+        _validation.positive("scale", scale)
     phi = as_feature_map(phi)
     if not isinstance(phi, FeatureMap):
-        raise TypeError("distillation losses need a FeatureMap (from ka.feature_map), not a plain callable: "
-                        "its parameters are what gets trained")
+        raise TypeError(f"distillation losses need a FeatureMap (from ka.feature_map), not a plain callable "
+                        f"(its parameters are what gets trained); got {_validation.short(phi)}")
     phi.check_compatible(q, name="q")
     phi.check_compatible(k, name="k")
     cdt = compute_dtype(q.dtype, xp=xp)
@@ -100,6 +100,8 @@ def attention_kl(phi, q, k, /, *, causal: bool = False, key_mask=None, eps: floa
     True
     """
     xp, phi, q, k, _ = _prepare(phi, q, k, key_mask=key_mask, causal=causal, eps=eps, scale=scale, floor=floor)
+    eps, floor = float(eps), float(floor)  # NumPy scalars and 0-d arrays pass the checks; the core takes floats
+    scale = None if scale is None else float(scale)
     return _core.attention_kl(q, k, feature_map=phi, causal=causal, key_mask=key_mask, eps=eps, scale=scale,
                               floor=floor, xp=xp)
 
@@ -129,6 +131,7 @@ def output_mse(phi, q, k, v, /, *, causal: bool = False, key_mask=None, eps: flo
     0-d array, in the compute dtype
     """
     xp, phi, q, k, v = _prepare(phi, q, k, v, key_mask=key_mask, causal=causal, eps=eps, scale=scale, need_v=True)
-    _static_checks(eps, chunk_size, method)
+    eps, chunk_size, method = _static_checks(eps, chunk_size, method)
+    scale = None if scale is None else float(scale)
     return _core.output_mse(q, k, v, feature_map=phi, causal=causal, key_mask=key_mask, eps=eps, scale=scale,
                             chunk_size=64 if chunk_size is None else chunk_size, method=method, xp=xp)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from . import _compat, _tree
+from . import _compat, _tree, _validation
 from .feature_maps import FeatureMap
 
 __all__ = ["Adam", "AdamState", "AdamW", "constant", "inverse_sqrt_warmup"]
@@ -62,9 +62,7 @@ def inverse_sqrt_warmup(warmup: int):
     >>> round(s(50), 4), round(s(100), 4), round(s(400), 4)
     (0.05, 0.1, 0.05)
     """
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-        raise ValueError(f"warmup must be a positive integer; got {warmup!r}")
-    return _InverseSqrtWarmup(warmup)
+    return _InverseSqrtWarmup(_validation.integer("warmup", warmup))
 
 
 class _InverseSqrtWarmup:
@@ -94,8 +92,13 @@ class AdamState(NamedTuple):
     v: object
 
 
-def _params_of(tree):
-    return tree.params if isinstance(tree, FeatureMap) else tree
+def _params_of(tree, name="params"):
+    tree = tree.params if isinstance(tree, FeatureMap) else tree
+    for leaf in _tree.leaves(tree):
+        if not _compat.is_array_api_obj(leaf):
+            raise TypeError(f"{name} must be a FeatureMap or a tree (dicts, lists, tuples) of arrays; "
+                            f"got a leaf {_validation.short(leaf)}")
+    return tree
 
 
 class Adam:
@@ -118,17 +121,18 @@ class Adam:
 
     def __init__(self, lr: float = 1e-3, *, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  schedule=None):
-        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name} must be a non-negative number; got {value!r}")
-        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
-            raise ValueError(f"betas must be two numbers in [0, 1); got {betas!r}")
+        lr, eps, weight_decay = (_validation.nonnegative(name, value) for name, value in (
+            ("lr", lr), ("eps", eps), ("weight_decay", weight_decay)))
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise TypeError(f"betas must be two numbers in [0, 1); got {_validation.short(betas)}")
+        betas = tuple(_validation.number(f"betas[{i}]", b, low=0.0, high=1.0, allowed="a number in [0, 1)")
+                      for i, b in enumerate(betas))
         if schedule is not None and not callable(schedule):
-            raise TypeError(f"schedule must be a callable t -> multiplier; got {type(schedule).__name__}")
-        self.lr = float(lr)
-        self.betas = (float(betas[0]), float(betas[1]))
-        self.eps = float(eps)
-        self.weight_decay = float(weight_decay)
+            raise TypeError(f"schedule must be a callable t -> multiplier; got {_validation.short(schedule)}")
+        self.lr = lr
+        self.betas = betas
+        self.eps = eps
+        self.weight_decay = weight_decay
         self.schedule = constant() if schedule is None else schedule
 
     def __repr__(self):
@@ -166,7 +170,10 @@ class Adam:
         new_params : like ``params``
         new_state : AdamState
         """
-        tree, gtree = _params_of(params), _params_of(grads)
+        if not isinstance(state, AdamState):
+            raise TypeError(f"state must be the AdamState from {type(self).__name__}.init; "
+                            f"got {_validation.short(state)}")
+        tree, gtree = _params_of(params), _params_of(grads, "grads")
         p_leaves, g_leaves = _tree.leaves(tree), _tree.leaves(gtree)
         if len(p_leaves) != len(g_leaves) or any(tuple(p.shape) != tuple(g.shape)
                                                  for p, g in zip(p_leaves, g_leaves)):

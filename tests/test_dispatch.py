@@ -142,3 +142,14 @@ def test_public_api_is_stable():
         assert hasattr(ka, name)
     assert {"feature_map", "linear_attention", "softmax_attention", "num_params",
             "orthogonality_penalty", "linear_attention_step"} <= set(ka.__all__)
+
+
+def test_named_backend_runs_reference_methods_on_the_core():
+    # a reference method or a missing fast path is not a limitation of the backend: the core runs it
+    for method in ("naive", "recurrent"):
+        res = ka.explain_dispatch("linear_attention", X, backend="numpy", causal=True, method=method,
+                                  masked=False, kind="glu")
+        assert res.backend == "agnostic" and "reference strategy" in res.reason and "backend='numpy'" in res.reason
+    res = ka.explain_dispatch("softmax_attention", X, backend="numpy", causal=False, masked=False)
+    assert res.backend == "agnostic" and "no fast path" in res.reason
+    assert Adapter().runs_on_core("linear_attention", method="auto") == "no fast path for linear_attention"

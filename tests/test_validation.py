@@ -105,7 +105,7 @@ def test_feature_map_construction_errors():
         ka.feature_map("glu", num_heads=2, head_dim=4, dtype="int32")
     with pytest.raises(ValueError, match="no weights, so no bias"):
         ka.feature_map("elu", bias=True)
-    with pytest.raises(ValueError, match="num_heads must be a positive integer"):
+    with pytest.raises(TypeError, match="num_heads must be a positive integer; got 2.5"):
         ka.feature_map("glu", num_heads=2.5, head_dim=4)
 
 
