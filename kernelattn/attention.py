@@ -60,8 +60,12 @@ def _isolated_inputs(q, k, v, key_mask, initial_state, *, causal, xp):
     """
     k, v = _isolate.drop_padding(k, v, key_mask, xp=xp)
     state = () if initial_state is None else tuple(initial_state)
-    if _compat.values_visible(q) and all(_compat.values_visible(a) for a in (k, v, *state)):
-        if bool(_isolate.all_finite(q, k, v, *state, xp=xp)):
+    if all(_compat.values_visible(a) for a in (q, k, v, *state)):
+        try:
+            clean = bool(_isolate.all_finite(q, k, v, *state, xp=xp))
+        except Exception:  # concrete arrays inside a jit trace still give a tracer
+            clean = False
+        if clean:
             return q, k, v, initial_state, None
     q, k, v, initial_state, bad_rows, bad_state = _isolate.isolate(q, k, v, initial_state, causal=causal, xp=xp)
     return q, k, v, initial_state, (bad_rows, bad_state)
@@ -152,13 +156,16 @@ def linear_attention(
     True
     """
     checked_xp = _validation.check_attention_inputs(q, k, v, key_mask=key_mask, causal=causal)
+    if xp is not None and not hasattr(xp, "asarray"):
+        raise TypeError(f"xp must be an array namespace (or None); got {_validation.short(xp)}")
     xp = checked_xp if xp is None else xp
-    _static_checks(eps, chunk_size, method)
+    eps, chunk_size, method = _static_checks(eps, chunk_size, method)
+    return_state = _validation.flag("return_state", return_state)
     phi = as_feature_map(feature_map)
     phi.check_compatible(q, name="q")
     phi.check_compatible(k, name="k")
     B, H = q.shape[0], q.shape[1]
-    initial_state = _check_state(initial_state, q, B=B, H=H, e=v.shape[3])
+    initial_state = _check_state(initial_state, q, B=B, H=H, e=v.shape[3], feature_map=phi)
     if _compat.is_jax_namespace(xp):
         _register_pytrees()
     impl = _dispatch.resolve(

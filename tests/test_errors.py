@@ -267,22 +267,19 @@ def test_refused_with_a_clear_one_line_message(call, exc, pattern):
     _check(call, exc, pattern)
 
 
-# Checks that need linear_attention itself to pass phi to _check_state and to check return_state
-# (its body is being rewritten); the helpers are ready, see kernelattn.attention._check_state.
-_PENDING = pytest.mark.xfail(reason="linear_attention does not pass feature_map to _check_state / check "
-                                    "return_state yet", strict=False)
+# Checks made inside linear_attention itself (phi's feature size m, return_state).
 PENDING = [
     pytest.param(lambda: ka.linear_attention(Q, K, V, feature_map=PHI16, initial_state=STATE), ValueError,
                  r"^state\.S must have shape \(B, H, m, e\) = \(2, 4, 16, 8\) .*got \(2, 4, 8, 8\)$",
-                 id="linear_attention state m != phi's", marks=_PENDING),
+                 id="linear_attention state m != phi's"),
     pytest.param(lambda: ka.linear_attention(Q, K, V, initial_state=_state(np.float32, m=5)), ValueError,
                  r"^state\.S must have shape \(B, H, m, e\) = \(2, 4, 8, 8\) .*got \(2, 4, 5, 8\)$",
-                 id="linear_attention state m != d (elu)", marks=_PENDING),
+                 id="linear_attention state m != d (elu)"),
     pytest.param(lambda: ka.linear_attention_step(Q, K, V, feature_map=PHI16, state=STATE), ValueError,
                  r"^state\.S must have shape \(B, H, m, e\) = \(2, 4, 16, 8\) .*got \(2, 4, 8, 8\)$",
-                 id="linear_attention_step state m != phi's", marks=_PENDING),
+                 id="linear_attention_step state m != phi's"),
     pytest.param(lambda: ka.linear_attention(Q, K, V, return_state="False"), TypeError,
-                 rf"^return_state {BOOL}'False'$", id="linear_attention return_state string", marks=_PENDING),
+                 rf"^return_state {BOOL}'False'$", id="linear_attention return_state string"),
 ]
 
 
