@@ -155,3 +155,29 @@ def test_linear_attention_through_the_triton_kernels_matches_the_core(triton_eve
     _compare(results[0], results[1], TOL[torch.float32])
     ref = reference_linear_attention(q, k, v, feature_map=phi, causal=causal, key_mask=mask, initial_state=state)
     assert rel_rms_error(results[0][0], ref) < 1e-5
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("eps", [0.0, 1e-6])
+def test_triton_gradients_match_the_definition_with_left_padding(triton_everywhere, causal, eps):
+    """Rows with no real key (left padding, a padded batch item) give zeros and zero gradients, any eps."""
+    from kernelattn.testing import reference_linear_attention_vjp
+
+    B, H, N, d = 3, 2, 21, 4
+    g = torch.Generator().manual_seed(7)
+    q, k, v, w = (torch.randn(B, H, N, d, generator=g, dtype=torch.float64) for _ in range(4))
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[0, :6] = False
+    mask[1] = False
+    phi = ka.feature_map("glu", num_heads=H, head_dim=d, depth=2, seed=0, dtype="float64")
+    leaves = [t.float().to(DEVICE).requires_grad_() for t in (q, k, v)]
+    phi_d = phi.to(xp=torch, device=DEVICE, dtype=torch.float32)
+    params = [p.requires_grad_() for p in phi_d.parameters()]
+    out = ka.linear_attention(*leaves, feature_map=phi_d, causal=causal, key_mask=mask.to(DEVICE), eps=eps)
+    grads = torch.autograd.grad((out * w.float().to(DEVICE)).sum(), leaves + params)
+    ref = reference_linear_attention(q, k, v, feature_map=phi, causal=causal, key_mask=mask, eps=eps)
+    want = reference_linear_attention_vjp(q, k, v, w, feature_map=phi, causal=causal, key_mask=mask, eps=eps)
+    assert rel_rms_error(out.detach().cpu(), ref) < 1e-5
+    for got, exp in zip(grads, [want["q"], want["k"], want["v"], *want["params"]]):
+        assert torch.isfinite(got).all()
+        assert rel_rms_error(got.cpu(), exp) < 1e-4
