@@ -34,23 +34,43 @@ from .. import __version__
 from .._timing import crossover_text, median_time
 from ..attention import linear_attention, softmax_attention
 from ..data import default_inputs
-from ..feature_maps import feature_map
+from ..feature_maps import KINDS, feature_map
+from ._args import UsageError, choice_list, int_list, output_folder, positive_int, seconds
 
 HELP = "speed report: linear attention vs softmax and vs its arithmetic floor, per backend"
+DESCRIPTION = """\
+The speed report: each path of linear attention against softmax attention and
+against its arithmetic floor.
+
+For every installed library (NumPy, PyTorch, JAX) and N it measures linear
+attention, non-causal and causal, through dispatch (the library's fast path
+where it has one) and forced onto the array-API core; softmax attention (torch
+scaled_dot_product_attention, jax.nn.dot_product_attention, or kernelattn's
+own for NumPy); and the floor F: the four matrix products of linear attention
+alone. It prints the ratio table ("x softmax" = softmax time / path time, above
+1 is faster; "x F" = path time / F) and the crossover N per path, and writes a
+log-log plot, a JSON file and Markdown and reST tables. Compare ratios, not
+seconds: shared machines are noisy."""
+EXAMPLES = ("python -m kernelattn bench --backends numpy,torch --sizes 256,1024,4096",)
+BACKENDS = ("numpy", "torch", "jax")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--backends", default="numpy,torch,jax", help="comma-separated: numpy, torch, jax")
-    p.add_argument("--sizes", default="256,512,1024,2048,4096,8192", help="comma-separated N")
-    p.add_argument("--kernel", default="ffn", help="feature map kind (default the paper's ffn)")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--budget", type=float, default=3.0, help="seconds per measurement before stopping early")
-    p.add_argument("--softmax-limit", type=float, default=4.0,
-                   help="skip softmax at larger N once one call takes longer than this many seconds")
-    p.add_argument("--out", default="kernelattn_out", help="folder for bench.png, bench.json, bench.md")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--backends", type=choice_list(BACKENDS), default=list(BACKENDS), metavar="NAME,...",
+                   help="comma-separated: numpy, torch, jax (default all three; missing ones are skipped)")
+    p.add_argument("--sizes", type=int_list(), default=[256, 512, 1024, 2048, 4096, 8192], metavar="N,N,...",
+                   help="comma-separated N (default 256,512,1024,2048,4096,8192)")
+    p.add_argument("--kernel", default="ffn", choices=sorted(KINDS), help="feature map kind (default the paper's ffn)")
+    p.add_argument("--heads", type=positive_int, default=8, help="attention heads (default 8)")
+    p.add_argument("--head-dim", type=positive_int, default=64, help="width of each head (default 64)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timing repeats per size (default 5)")
+    p.add_argument("--budget", type=seconds, default=3.0,
+                   help="seconds per measurement before stopping early (default 3)")
+    p.add_argument("--softmax-limit", type=seconds, default=4.0,
+                   help="skip softmax at larger N once one call takes longer than this many seconds (default 4)")
+    p.add_argument("--out", default="kernelattn_out",
+                   help="folder for bench.png, bench.json, bench.md and bench.rst (default kernelattn_out)")
+    p.add_argument("--no-plot", action="store_true", help="no plot")
 
 
 class _Lib:
@@ -84,7 +104,7 @@ class _Lib:
             self.softmax = dpa
             self.matmul = jax.jit(jnp.matmul)
         else:
-            raise SystemExit(f"unknown backend {name!r} for bench; choose numpy, torch or jax")
+            raise UsageError("--backends", f"unknown backend {name!r}; choose {', '.join(BACKENDS)}")
 
     def floor(self, q, k, v, W):
         """The four matrix products of linear attention alone: x W twice, phi(K)^T V, phi(Q) S."""
@@ -118,8 +138,9 @@ def _versions(libs):
 
 
 def run(args) -> int:
-    sizes = [int(n) for n in args.sizes.split(",")]
-    names = [n.strip() for n in args.backends.split(",") if n.strip()]
+    output_folder("--out", args.out)
+    sizes = args.sizes
+    names = list(dict.fromkeys(args.backends))  # in order, once each
     H, d = args.heads, args.head_dim
     libs = []
     for name in names:
@@ -174,15 +195,15 @@ def run(args) -> int:
             print(f"  measured {lib.name} N={n}", file=sys.stderr)
         results[lib.name] = {"times": times, "has_fast": has_fast, "softmax_name": lib.softmax_name}
 
-    report = _report(results, sizes, args, machine, _versions(names))
+    report = _report(results, sizes, args, machine, _versions([lib.name for lib in libs]))
     print(report)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(report + "\n")
     with open(os.path.join(args.out, "bench.rst"), "w") as f:
-        f.write(_report_rst(results, sizes, args, machine, _versions(names)))
+        f.write(_report_rst(results, sizes, args, machine, _versions([lib.name for lib in libs])))
     with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump({"machine": machine, "versions": _versions(names), "sizes": sizes, "kernel": args.kernel,
+        json.dump({"machine": machine, "versions": _versions([lib.name for lib in libs]), "sizes": sizes, "kernel": args.kernel,
                    "results": results}, f, indent=1)
     if not args.no_plot:
         path = _plot(results, sizes, args, machine)

@@ -19,8 +19,19 @@ from ..attention import linear_attention, softmax_attention
 from ..data import default_inputs
 from ..feature_maps import feature_map, num_params
 from ..testing import rel_rms_error, to_numpy
+from ._args import UsageError, int_list, positive_int, require_library, seconds
 
 HELP = "error and time of linear attention against softmax on the embedded default inputs"
+DESCRIPTION = """\
+Error and time of linear attention against exact softmax attention.
+
+On the embedded default inputs (synthetic, seeded), for each feature map it
+prints the error of linear attention against softmax attention (kernels at
+their seeded initialisation, not fitted), then the time of both at growing
+sequence length N and the crossover N from which linear attention is faster."""
+EXAMPLES = ("python -m kernelattn compare --sizes 256,1024",
+            "python -m kernelattn compare --backend torch --heads 4 --head-dim 32")
+BACKENDS = ("numpy", "torch", "jax", "array_api_strict")
 
 # label -> (kind, options)
 KERNELS = {
@@ -54,7 +65,7 @@ def _backend(name: str):
         import array_api_strict as xps
 
         return xps.asarray, (lambda f: f)
-    raise SystemExit(f"unknown --backend {name!r}; choose numpy, torch, jax or array_api_strict")
+    raise UsageError("--backend", f"unknown backend {name!r}; choose {', '.join(BACKENDS)}")
 
 
 def _make_phi(label, heads, dim, like):
@@ -63,6 +74,7 @@ def _make_phi(label, heads, dim, like):
 
 
 def run(args) -> int:
+    require_library("--backend", args.backend)
     to_array, wrap = _backend(args.backend)
     H, d = args.heads, args.head_dim
     out = sys.stdout
@@ -86,7 +98,7 @@ def run(args) -> int:
           "kernels are for)\n", file=out)
 
     # 2. time against softmax at growing N
-    sizes = [int(n) for n in args.sizes.split(",")]
+    sizes = args.sizes
     for causal in (False, True):
         title = "causal" if causal else "non-causal"
         print(f"Time, {title} (median of {args.repeats}; ratio = softmax time / linear time, >1 means faster)",
@@ -116,10 +128,12 @@ def run(args) -> int:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--backend", default="numpy", help="numpy (default), torch, jax or array_api_strict")
-    p.add_argument("--sizes", default="256,512,1024,2048,4096", help="comma-separated N to time")
-    p.add_argument("--error-n", type=int, default=512, help="N for the error table")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--budget", type=float, default=5.0, help="seconds per measurement before stopping early")
+    p.add_argument("--backend", default="numpy", choices=BACKENDS, help="numpy (default), torch, jax or array_api_strict")
+    p.add_argument("--sizes", type=int_list(), default=[256, 512, 1024, 2048, 4096], metavar="N,N,...",
+                   help="comma-separated N to time (default 256,512,1024,2048,4096)")
+    p.add_argument("--error-n", type=positive_int, default=512, help="N for the error table (default 512)")
+    p.add_argument("--heads", type=positive_int, default=8, help="attention heads (default 8)")
+    p.add_argument("--head-dim", type=positive_int, default=64, help="width of each head (default 64)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timing repeats per size (default 3)")
+    p.add_argument("--budget", type=seconds, default=5.0,
+                   help="seconds per measurement before stopping early (default 5)")

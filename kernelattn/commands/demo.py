@@ -21,6 +21,7 @@ or ``jax`` runs the same on that library.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import os
@@ -34,9 +35,12 @@ from .._timing import crossover_text, median_time
 from .._tree import tree_map
 from ..attention import linear_attention, linear_attention_weights, softmax_attention, softmax_attention_weights
 from ..data import minilm
+from ..data._minilm import HEADS, LAYERS
 from ..feature_maps import FeatureMap, feature_map, num_params
 from ..fit import approximation_error, fit_feature_map
 from ..testing import to_numpy
+from ._args import (UsageError, int_list, nonnegative_float, nonnegative_int, output_file, positive_float,
+                    positive_int, require_library, seconds)
 
 HELP = "fit trainable kernels to a real transformer's softmax attention; error table, timing, figure (default)"
 
@@ -53,6 +57,21 @@ FIXED = {"elu+1": "elu", "relu": "relu", "favor+": "favor"}
 #: kernels timed against softmax (the figure's reference map and two fitted ones).
 TIMED = ("elu+1", "glu", "aoglu x3", "hedgehog")
 DEFAULT_OUT = os.path.join("kernelattn_out", "demo.png")
+#: plain-text --help (the module docstring above is reStructuredText, for the docs).
+DESCRIPTION = """\
+Trainable kernels distilled from a real transformer's attention (default command).
+
+Uses the real queries, keys and values shipped with kernelattn (the sentence
+transformer all-MiniLM-L6-v2 on passages of English text). For one layer it
+  1. fits each trainable kernel (FFN, GLU, GLU x2, AOGLU x3, Hedgehog) so that
+     linear attention imitates the layer's softmax heads, on held-in passages;
+  2. prints parameters, output error and attention KL on the held-out passage,
+     for the fitted kernels and the fixed maps elu+1, relu and FAVOR+;
+  3. times softmax against linear attention at growing N (the crossover length);
+  4. draws a figure (attention maps, held-out error per step) with matplotlib.
+Runs on NumPy alone; --backend torch or jax runs the same on that library."""
+EXAMPLES = ("python -m kernelattn demo --steps 150 --layer 0 --heads all",
+            "python -m kernelattn --backend numpy --sizes 256,1024 --out demo.png")
 
 
 def _backend(name: str):
@@ -74,7 +93,7 @@ def _backend(name: str):
         import jax.numpy as jnp
 
         return name, (lambda a: jnp.asarray(a, dtype=jnp.float32))
-    raise SystemExit(f"unknown --backend {name!r}; choose auto, numpy, torch or jax")
+    raise UsageError("--backend", f"unknown backend {name!r}; choose auto, numpy, torch or jax")
 
 
 @contextlib.contextmanager
@@ -106,12 +125,17 @@ def _one_thread(lib):
 
 
 def _heads(text: str):
-    if text == "all":
+    """'all' -> None, else the distinct head indices of the shipped data."""
+    if text.strip() == "all":
         return None
     try:
-        return [int(h) for h in text.split(",") if h.strip()]
+        heads = [int(h) for h in text.split(",")]
     except ValueError:
-        raise SystemExit(f"--heads must be 'all' or comma-separated head indices 0-11; got {text!r}") from None
+        heads = None
+    if not heads or any(not 0 <= h < HEADS for h in heads) or len(set(heads)) != len(heads):
+        raise argparse.ArgumentTypeError(f"expected 'all' or distinct comma-separated head indices 0-{HEADS - 1} "
+                                         f"such as 0,4, got {text!r}")
+    return heads
 
 
 def _tile(a, n):
@@ -194,13 +218,15 @@ def _one_head(phi, head):
 
 def run(args) -> int:
     t_start = time.perf_counter()
+    if args.backend != "auto":
+        require_library("--backend", args.backend)
+    if args.out and not os.path.isdir(args.out) and not os.path.splitext(args.out)[1]:
+        args.out += ".png"  # what matplotlib would write; say so in the output
+    output_file("--out", args.out, _figure_types(args.out))
     lib, to_array = _backend(args.backend)
     out = sys.stdout
     np.seterr(all="ignore")
-    try:
-        sample = minilm(args.layer, heads=_heads(args.heads))
-    except ValueError as exc:
-        raise SystemExit(f"--layer / --heads: {exc}") from None
+    sample = minilm(args.layer, heads=args.heads)
     train, test = sample.split(held_out=1)
     B, H, N, d = sample.q.shape
     print(f"kernelattn {__version__}: trainable feedforward kernels distilled from real softmax attention", file=out)
@@ -243,7 +269,7 @@ def run(args) -> int:
     print(_verdict(rows) + "\n", file=out)
 
     if args.sizes:
-        sizes = [int(n) for n in args.sizes.split(",")]
+        sizes = args.sizes
         print(f"Time, non-causal, {H} heads (median of {args.repeats}; ratio = softmax time / linear time, "
               f">1 means linear attention is faster); inputs: the passages tiled to length N", file=out)
         print(f"  {'N':>6} {'softmax':>10}" + "".join(f" {lab:>19}" for lab in TIMED), file=out)
@@ -276,21 +302,36 @@ def run(args) -> int:
     return 0
 
 
+def _figure_types(path):
+    """File types matplotlib can write (None: any, when it is missing or the path is a PNG)."""
+    if not path or os.path.splitext(path)[1].lower() in ("", ".png"):
+        return None
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return None
+    return set(FigureCanvasBase.get_supported_filetypes())
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--steps", type=int, default=150, help="optimiser steps per kernel (default 150)")
-    p.add_argument("--lr", type=float, default=2e-2, help="Adam learning rate (default 0.02)")
+    p.add_argument("--steps", type=positive_int, default=150, help="optimiser steps per kernel (default 150)")
+    p.add_argument("--lr", type=positive_float, default=2e-2, help="Adam learning rate (default 0.02)")
     p.add_argument("--loss", default="attention_kl", choices=["attention_kl", "output_mse"],
                    help="distillation loss (default attention_kl, as Hedgehog)")
-    p.add_argument("--ortho-weight", type=float, default=0.0, help="orthogonality penalty lambda (default 0)")
-    p.add_argument("--layer", type=int, default=0, help="MiniLM layer 0-5 (default 0)")
-    p.add_argument("--heads", default="all", help="'all' (default) or comma-separated head indices 0-11")
-    p.add_argument("--backend", default="auto",
+    p.add_argument("--ortho-weight", type=nonnegative_float, default=0.0,
+                   help="orthogonality penalty lambda (default 0)")
+    p.add_argument("--layer", type=int, default=0, choices=range(LAYERS), metavar=f"{{0-{LAYERS - 1}}}",
+                   help=f"MiniLM layer 0-{LAYERS - 1} (default 0)")
+    p.add_argument("--heads", type=_heads, default=None, metavar="HEADS",
+                   help=f"'all' (default) or comma-separated head indices 0-{HEADS - 1}")
+    p.add_argument("--backend", default="auto", choices=["auto", "numpy", "torch", "jax"],
                    help="auto (torch if installed, else numpy; default), numpy, torch or jax")
-    p.add_argument("--sizes", default="256,512,1024,2048,4096",
-                   help="comma-separated N to time (empty string: skip timing)")
-    p.add_argument("--repeats", type=int, default=5, help="timing repeats per size (default 5)")
-    p.add_argument("--budget", type=float, default=3.0, help="seconds per timing before stopping early")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial kernels (default 0)")
+    p.add_argument("--sizes", type=int_list(allow_empty=True), default=[256, 512, 1024, 2048, 4096],
+                   metavar="N,N,...", help="comma-separated N to time (default 256,512,1024,2048,4096; "
+                                           "empty string: skip timing)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timing repeats per size (default 5)")
+    p.add_argument("--budget", type=seconds, default=3.0, help="seconds per timing before stopping early (default 3)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the initial kernels (default 0)")
     p.add_argument("--out", default=DEFAULT_OUT,
                    help=f"figure path (default {DEFAULT_OUT}; empty string: no figure)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

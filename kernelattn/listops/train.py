@@ -189,6 +189,13 @@ def evaluate(model, split: Split, *, batch_size: int = 64, device="cpu") -> dict
 
 # -- training ------------------------------------------------------------------------------------------------
 
+class CheckpointMismatch(ValueError):
+    """The run folder holds a checkpoint of another configuration (args: message, checkpoint path)."""
+
+    def __str__(self):
+        return str(self.args[0])
+
+
 def _device(device):
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -239,7 +246,7 @@ def train(cfg: TrainConfig, out_dir: str, *, data_dir: str | None = None, resume
     device : str or torch.device, optional
         Default: CUDA when available, else CPU.
     progress : bool, default True
-        tqdm progress bars.
+        tqdm progress bars, shown only when stderr is a terminal.
     plot : bool, default True
         Draw ``curves.png`` (needs matplotlib).
 
@@ -278,8 +285,8 @@ def train(cfg: TrainConfig, out_dir: str, *, data_dir: str | None = None, resume
     if resume and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         if ckpt["config"] != cfg.to_dict():
-            raise ValueError(f"{ckpt_path} was written by a different configuration; pass resume=False "
-                             f"(--restart) to start afresh or use another output folder")
+            raise CheckpointMismatch(f"{ckpt_path} was written by a different configuration; pass resume=False "
+                                     f"(--restart) to start afresh or use another output folder", ckpt_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -309,7 +316,8 @@ def train(cfg: TrainConfig, out_dir: str, *, data_dir: str | None = None, resume
     status, start = "finished", time.perf_counter()
     model.train()
     bar = tqdm(total=cfg.steps, initial=state["step"], desc=f"{cfg.attention} seed {cfg.seed}",
-               disable=not progress, dynamic_ncols=True, leave=verbose)
+               disable=None if progress else True,  # None: only when stderr is a terminal
+               dynamic_ncols=True, leave=verbose)
     try:
         while state["step"] < cfg.steps:
             if stop_after is not None and state["step"] >= stop_after:
