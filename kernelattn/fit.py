@@ -127,7 +127,8 @@ def _progress(progress, steps, desc):
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is optional
         return None
-    opts = dict(total=steps, desc=desc, leave=False, dynamic_ncols=True)
+    # disable=None: bars only when stderr is a terminal, so pipes and logs get no carriage returns
+    opts = dict(total=steps, desc=desc, leave=False, dynamic_ncols=True, disable=None)
     if isinstance(progress, dict):
         opts.update(progress)
     return tqdm(**opts)

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from kernelattn.cli import main
 
 
@@ -62,3 +64,83 @@ def test_bench_writes_the_report(tmp_path, capsys):
     assert (tmp_path / "bench.rst").read_text().lstrip().startswith("Measured on")
     assert "| N |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# -- quiet in pipes, plain-text help ---------------------------------------------------------------------------
+
+SMALL_DEMO = ["--sizes", "128", "--repeats", "1", "--steps", "5", "--heads", "0,1", "--backend", "numpy"]
+
+
+def test_demo_in_a_pipe_writes_no_carriage_return(tmp_path):
+    """Progress bars are on by default, but only for a terminal: a pipe or a log gets the table alone."""
+    res = subprocess.run([sys.executable, "-m", "kernelattn", *SMALL_DEMO, "--out", str(tmp_path / "f.png")],
+                         capture_output=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr.decode()
+    assert b"Held-out passage" in res.stdout
+    assert b"\r" not in res.stdout and b"\r" not in res.stderr
+
+
+def _on_a_terminal(argv, cwd):
+    """stderr (a pseudo-terminal) of ``python -m kernelattn argv``."""
+    import os
+    import pty
+    import threading
+
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty has 0 columns
+    chunks = []
+
+    def drain():
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # the child closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        res = subprocess.run([sys.executable, "-m", "kernelattn", *argv], stdout=subprocess.PIPE, stderr=slave,
+                             cwd=cwd, timeout=300)
+    finally:
+        os.close(slave)
+        reader.join(10)
+        os.close(master)
+    assert res.returncode == 0
+    return b"".join(chunks)
+
+
+def test_progress_bars_on_a_terminal_and_no_progress(tmp_path):
+    pytest.importorskip("tqdm")
+    pytest.importorskip("termios")  # POSIX pseudo-terminals
+    argv = [*SMALL_DEMO, "--sizes", "", "--out", ""]
+    assert b"fitting glu" in _on_a_terminal(argv, tmp_path)
+    assert b"fitting" not in _on_a_terminal(argv + ["--no-progress"], tmp_path)
+
+
+def _helps():
+    from kernelattn.commands import COMMANDS
+
+    yield "python -m kernelattn --help", ["--help"]
+    for name in COMMANDS:
+        yield f"{name} --help", [name, "--help"]
+
+
+def test_help_is_plain_text_with_an_example(capsys):
+    for label, argv in _helps():
+        try:
+            main(argv)
+        except SystemExit as exc:
+            assert exc.code == 0
+        text = capsys.readouterr().out
+        for markup in ("``", ":func:", ":class:", ":mod:", ":data:", "::"):
+            assert markup not in text, (label, markup)
+        assert "example" in text and "python -m kernelattn" in text.split("example", 1)[1], label
+        assert max(map(len, text.splitlines())) <= 100, label

@@ -121,3 +121,13 @@ def test_module_entry_point_help():
     proc = subprocess.run([sys.executable, "-m", "kernelattn", "listops", "--help"], capture_output=True, text=True,
                           check=True)
     assert "--preset" in proc.stdout and "--study" in proc.stdout
+
+
+def test_training_in_a_pipe_writes_no_carriage_return(tmp_path):
+    """Progress bars stay on by default but only reach a terminal, never a pipe or a log."""
+    res = subprocess.run([sys.executable, "-m", "kernelattn", "listops", "--preset", "tiny", "--steps", "3",
+                          "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"), "--no-plot"],
+                         capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stderr.decode()
+    assert b"results in" in res.stdout
+    assert b"\r" not in res.stdout and b"\r" not in res.stderr
