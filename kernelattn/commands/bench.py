@@ -195,15 +195,16 @@ def run(args) -> int:
             print(f"  measured {lib.name} N={n}", file=sys.stderr)
         results[lib.name] = {"times": times, "has_fast": has_fast, "softmax_name": lib.softmax_name}
 
-    report = _report(results, sizes, args, machine, _versions([lib.name for lib in libs]))
+    versions = _versions([lib.name for lib in libs])  # the libraries measured, not the skipped ones
+    report = _report(results, sizes, args, machine, versions)
     print(report)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(report + "\n")
     with open(os.path.join(args.out, "bench.rst"), "w") as f:
-        f.write(_report_rst(results, sizes, args, machine, _versions([lib.name for lib in libs])))
+        f.write(_report_rst(results, sizes, args, machine, versions))
     with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump({"machine": machine, "versions": _versions([lib.name for lib in libs]), "sizes": sizes, "kernel": args.kernel,
+        json.dump({"machine": machine, "versions": versions, "sizes": sizes, "kernel": args.kernel,
                    "results": results}, f, indent=1)
     if not args.no_plot:
         path = _plot(results, sizes, args, machine)

@@ -128,7 +128,8 @@ def run(args) -> int:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--backend", default="numpy", choices=BACKENDS, help="numpy (default), torch, jax or array_api_strict")
+    p.add_argument("--backend", default="numpy", choices=BACKENDS,
+                   help="numpy (default), torch, jax or array_api_strict")
     p.add_argument("--sizes", type=int_list(), default=[256, 512, 1024, 2048, 4096], metavar="N,N,...",
                    help="comma-separated N to time (default 256,512,1024,2048,4096)")
     p.add_argument("--error-n", type=positive_int, default=512, help="N for the error table (default 512)")
