@@ -39,6 +39,7 @@ from torch import nn
 import kernelattn as ka
 from kernelattn import _validation as _check
 from kernelattn.backends import _torch_fmap
+from kernelattn.feature_maps import CallableFeatureMap as _CallableFeatureMap
 from kernelattn.feature_maps import FeatureMap as _FeatureMap
 
 __all__ = ["FeatureMap", "LinearTransformerEncoderLayer", "MultiheadLinearAttention"]
@@ -157,6 +158,24 @@ class FeatureMap(nn.Module):
         return ", ".join(parts)
 
 
+class _DropoutFeatureMap(_CallableFeatureMap):
+    """phi with dropout on its blocks' inputs (training), as one map object for both roles.
+
+    A (query, key) pair of closures would do, but telling them apart needs an
+    ``is`` test on functions, which torch.compile(fullgraph=True) cannot trace.
+    """
+
+    __slots__ = ("phi", "p")
+
+    def __init__(self, phi, p):
+        self.phi, self.p = phi, p
+        self.query_fn = self.key_fn = None
+        self._widths = {}
+
+    def apply(self, x, *, role, xp):
+        return _torch_fmap.apply(self.phi, x, role=role, dropout=self.p, training=True)
+
+
 def _as_key_mask(key_padding_mask, batch, length, name="key_padding_mask"):
     """PyTorch's padding mask (True = padding) -> kernelattn's key mask (True = real key)."""
     if key_padding_mask is None:
@@ -270,9 +289,7 @@ class MultiheadLinearAttention(nn.Module):
         phi = self.feature_map.as_feature_map()
         if not (self.training and self.dropout > 0.0):
             return phi
-        p = self.dropout
-        return (lambda x: _torch_fmap.apply(phi, x, role="query", dropout=p, training=True),
-                lambda x: _torch_fmap.apply(phi, x, role="key", dropout=p, training=True))
+        return _DropoutFeatureMap(phi, self.dropout)
 
     def _batch(self, x, name):
         if not isinstance(x, torch.Tensor):

@@ -24,7 +24,6 @@ imported on first use only, so ``import kernelattn`` imports no framework.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import os
@@ -73,11 +72,17 @@ def _fast_paths_disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
-@functools.lru_cache(maxsize=None)
+#: backend name -> loaded adapter (a plain dict, not lru_cache: torch.compile warns on
+#: every lru_cache-wrapped function it meets)
+_ADAPTERS: dict[str, Any] = {}
+
+
 def load_adapter(name: str):
     """The adapter object of backend ``name``; raises ImportError if it cannot load."""
-    module = importlib.import_module(REGISTRY[name])
-    return module.ADAPTER
+    adapter = _ADAPTERS.get(name)
+    if adapter is None:
+        adapter = _ADAPTERS[name] = importlib.import_module(REGISTRY[name]).ADAPTER
+    return adapter
 
 
 def device_type(dev) -> str:
@@ -125,17 +130,18 @@ def _decide(*key) -> str:
     asking it never enter the graph; the graph then reads the stored
     Resolution like any global. Eager calls behave as before.
     """
+    if key[1] == "torch":
+        _compat.mark_compat_caches_traceable()
     found = _DECIDED.get(key)
     if found is None:
-        found = _DECIDED[key] = _resolve_cached(*key)
+        found = _DECIDED[key] = _choose(*key)
     return found.backend
 
 
 _decide._dynamo_marked_constant = True
 
 
-@functools.lru_cache(maxsize=1024)
-def _resolve_cached(op, library, dev_type, dtype, static_items, backend, disabled) -> Resolution:
+def _choose(op, library, dev_type, dtype, static_items, backend, disabled) -> Resolution:
     core = CORE[op]
     if backend == "agnostic":
         return Resolution(op, "agnostic", core, "backend='agnostic' was requested")
@@ -176,5 +182,4 @@ def _resolve_cached(op, library, dev_type, dtype, static_items, backend, disable
 
 def clear_cache() -> None:
     """Forget cached decisions (after changing the environment switch, for instance)."""
-    _resolve_cached.cache_clear()
     _DECIDED.clear()
