@@ -38,6 +38,7 @@ extensions = [
 exclude_patterns = ["_build", "examples", "**.ipynb_checkpoints"]
 templates_path = []
 html_static_path = ["_static"]
+html_css_files = ["kernelattn.css"]
 html_theme = "pydata_sphinx_theme"
 html_title = f"kernelattn {release}"
 html_theme_options = {
@@ -46,6 +47,9 @@ html_theme_options = {
     "footer_start": ["copyright"],
 }
 html_show_sourcelink = False
+# Top-level pages without sub-pages would show an empty "Section Navigation" column.
+html_sidebars = {page: [] for page in ("install", "benchmarks", "dev/*", "genindex", "search",
+                                       "sg_execution_times", "auto_examples/sg_execution_times")}
 
 autosummary_generate = True
 autodoc_default_options = {"members": True, "inherited-members": False}
