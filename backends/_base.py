@@ -21,6 +21,11 @@ class Adapter:
     #: strategies the core always runs: the references the fast paths are tested against
     REFERENCE_METHODS = ("naive", "recurrent")
 
+    #: True when the adapter's linear_attention keeps padded and non-finite inputs away from the
+    #: outputs that must not see them by itself (kernelattn/_agnostic/isolate.py says how); the
+    #: public function then skips its own isolation step
+    isolates_inputs = False
+
     def supports(self, op: str, *, device_type: str, dtype: str, **static) -> bool | str:
         return self.runs_on_core(op, **static) or True
 

@@ -1,7 +1,9 @@
 """Public attention functions: linear (kernelized) attention, its recurrent step, and softmax.
 
-All take (B, H, N, d) queries and (B, H, L, d) keys with (B, H, L, e) values,
-in any array library, and return the caller's array type, device and dtype.
+All take (B, H, N, d) queries and (B, H, L, d) keys with (B, H, L, e) values
+(or, with ``layout="BNHD"``, (B, N, H, d), (B, L, H, d) and (B, L, H, e), as
+JAX and Flax code usually holds them), in any array library, and return the
+caller's array type, device, dtype and layout.
 Validation happens here, once; the work is done by a backend fast path or the
 array-API core (see :mod:`kernelattn._dispatch`).
 """
@@ -26,6 +28,7 @@ __all__ = [
 ]
 
 METHODS = _core.STRATEGIES
+LAYOUTS = _validation.LAYOUTS
 
 
 class LinearAttentionState(NamedTuple):
@@ -88,6 +91,7 @@ def linear_attention(
     method: str = "auto",
     initial_state=None,
     return_state: bool = False,
+    layout: str = "BHND",
     backend: str | None = None,
     xp=None,
 ):
@@ -103,11 +107,12 @@ def linear_attention(
     Parameters
     ----------
     q : array, shape (B, H, N, d)
-        Queries (real floating dtype).
+        Queries (real floating dtype); (B, N, H, d) with ``layout="BNHD"``.
     k : array, shape (B, H, L, d)
-        Keys; L may differ from N (cross-attention) unless ``causal``.
+        Keys; L may differ from N (cross-attention) unless ``causal``;
+        (B, L, H, d) with ``layout="BNHD"``.
     v : array, shape (B, H, L, e)
-        Values.
+        Values; (B, L, H, e) with ``layout="BNHD"``.
     feature_map : FeatureMap, str, callable or (callable, callable), default "elu"
         phi. A :class:`~kernelattn.FeatureMap` from :func:`~kernelattn.feature_map`,
         the name of a shape-free map (``"elu"``, ``"relu"``), a callable
@@ -130,6 +135,12 @@ def linear_attention(
         Running sums (S, z) of earlier keys to continue from (causal or not).
     return_state : bool, default False
         Also return the state after the last key.
+    layout : {"BHND", "BNHD"}, default "BHND"
+        Axis order of q, k, v and the output: heads before tokens
+        (B, H, N, d), or tokens before heads (B, N, H, d), the layout of
+        ``q_proj(x).reshape(B, N, H, d)`` without a transpose. The two
+        give the same numbers; ``key_mask`` stays (B, L) and the state
+        (B, H, m, e) in both.
     backend : str, optional
         ``"agnostic"`` forces the array-API core; a library name (``"torch"``,
         ``"jax"``, ...) asks for its adapter. Default: chosen automatically.
@@ -139,7 +150,8 @@ def linear_attention(
     Returns
     -------
     out : array, shape (B, H, N, e)
-        Same library, device and dtype as ``q``.
+        Same library, device and dtype as ``q``; (B, N, H, e) with
+        ``layout="BNHD"``.
     state : LinearAttentionState
         Only if ``return_state``.
 
@@ -154,11 +166,19 @@ def linear_attention(
     >>> naive = ka.linear_attention(q, k, v, feature_map=phi, causal=True, method="naive")
     >>> bool(np.allclose(out, naive, atol=1e-5))
     True
+
+    Tokens before heads, as JAX and Flax code holds them:
+
+    >>> qt, kt, vt = (np.swapaxes(a, 1, 2) for a in (q, k, v))       # (2, 16, 4, 8)
+    >>> out_t = ka.linear_attention(qt, kt, vt, feature_map=phi, causal=True, layout="BNHD")
+    >>> bool(np.allclose(np.swapaxes(out_t, 1, 2), out, atol=1e-6))
+    True
     """
-    checked_xp = _validation.check_attention_inputs(q, k, v, key_mask=key_mask, causal=causal)
+    checked_xp = _validation.check_attention_inputs(q, k, v, key_mask=key_mask, causal=causal, layout=layout)
     if xp is not None and not hasattr(xp, "asarray"):
         raise TypeError(f"xp must be an array namespace (or None); got {_validation.short(xp)}")
     xp = checked_xp if xp is None else xp
+    q, k, v = _validation.to_bhnd(xp, layout, q, k, v)  # computed as (B, H, N, d); out swapped back below
     eps, chunk_size, method = _static_checks(eps, chunk_size, method)
     return_state = _validation.flag("return_state", return_state)
     phi = as_feature_map(feature_map)
@@ -172,7 +192,9 @@ def linear_attention(
         "linear_attention", xp, device=_validation._device_or_none(q), dtype=q.dtype, backend=backend,
         causal=bool(causal), method=method, masked=key_mask is not None, kind=getattr(phi, "kind", "callable"),
     )
-    q, k, v, initial_state, guard = _isolated_inputs(q, k, v, key_mask, initial_state, causal=causal, xp=xp)
+    guard = None
+    if not getattr(getattr(impl.function, "__self__", None), "isolates_inputs", False):
+        q, k, v, initial_state, guard = _isolated_inputs(q, k, v, key_mask, initial_state, causal=causal, xp=xp)
     out, state = impl(
         q, k, v, feature_map=phi, causal=bool(causal), key_mask=key_mask, eps=float(eps),
         chunk_size=64 if chunk_size is None else chunk_size, method=method,
@@ -180,6 +202,7 @@ def linear_attention(
     )
     if guard is not None:
         out, state = _isolate.poison(out, state, *guard, xp=xp)
+    (out,) = _validation.to_bhnd(xp, layout, out)  # the same swap takes it back
     if return_state:
         return out, LinearAttentionState(*state)
     return out
@@ -191,6 +214,7 @@ def linear_attention_step(
     state=None,
     key_mask=None,
     eps: float = 1e-6,
+    layout: str = "BHND",
     backend: str | None = None,
     xp=None,
 ):
@@ -199,8 +223,10 @@ def linear_attention_step(
     Parameters
     ----------
     q, k : array, shape (B, H, d) or (B, H, T, d)
-        One new token (3-D) or T new tokens (4-D).
+        One new token (3-D) or T new tokens (4-D); (B, T, H, d) with
+        ``layout="BNHD"`` (one token stays (B, H, d) in both layouts).
     v : array, shape (B, H, e) or (B, H, T, e)
+        (B, T, H, e) with ``layout="BNHD"``.
     feature_map : as in :func:`linear_attention`
     state : LinearAttentionState, optional
         The state after the earlier tokens (for instance from
@@ -209,11 +235,15 @@ def linear_attention_step(
     key_mask : bool array, shape (B,) or (B, T), optional
         False marks new tokens that are padding (they do not enter the state).
     eps : float, default 1e-6
+    layout : {"BHND", "BNHD"}, default "BHND"
+        Axis order of 4-D inputs and output (see :func:`linear_attention`).
+    backend, xp : as in :func:`linear_attention`
 
     Returns
     -------
     out : array, shape like ``v``
     state : LinearAttentionState
+        (B, H, m, e) and (B, H, m) in both layouts.
 
     Examples
     --------
@@ -227,6 +257,7 @@ def linear_attention_step(
     >>> bool(np.allclose(np.stack(outs, axis=2), full))
     True
     """
+    layout = _validation.choice("layout", layout, LAYOUTS)
     single = getattr(q, "ndim", None) == 3
     if single:
         for name, a in (("k", k), ("v", v)):
@@ -236,9 +267,10 @@ def linear_attention_step(
         q, k, v = q[:, :, None, :], k[:, :, None, :], v[:, :, None, :]
         if key_mask is not None and getattr(key_mask, "ndim", None) == 1:
             key_mask = key_mask[:, None]
+        layout = "BHND"  # one token has no token axis to order
     out, new_state = linear_attention(
         q, k, v, feature_map=feature_map, causal=True, key_mask=key_mask, eps=eps,
-        initial_state=state, return_state=True, backend=backend, xp=xp,
+        initial_state=state, return_state=True, layout=layout, backend=backend, xp=xp,
     )
     if single:
         out = out[:, :, 0, :]
@@ -250,6 +282,7 @@ def softmax_attention(
     causal: bool = False,
     key_mask=None,
     scale: float | None = None,
+    layout: str = "BHND",
     backend: str | None = None,
     xp=None,
 ):
@@ -260,17 +293,22 @@ def softmax_attention(
     q : array, shape (B, H, N, d)
     k : array, shape (B, H, L, d)
     v : array, shape (B, H, L, e)
+        (B, N, H, d), (B, L, H, d), (B, L, H, e) with ``layout="BNHD"``.
     causal : bool, default False
         Mask keys j > i (needs N = L).
     key_mask : bool array, shape (B, L), optional
         True for a real key. A query with no valid key gets zeros.
     scale : float, optional
         Default 1 / sqrt(d).
+    layout : {"BHND", "BNHD"}, default "BHND"
+        Axis order of q, k, v and the output (see :func:`linear_attention`).
+    backend, xp : as in :func:`linear_attention`
 
     Returns
     -------
     array, shape (B, H, N, e)
-        Same library, device and dtype as ``q``.
+        Same library, device and dtype as ``q``; (B, N, H, e) with
+        ``layout="BNHD"``.
 
     Examples
     --------
@@ -279,7 +317,8 @@ def softmax_attention(
     >>> ka.softmax_attention(q, k, v, causal=True)[0, 0, 0]
     array([1., 0., 0., 0.])
     """
-    xp = _validation.check_attention_inputs(q, k, v, key_mask=key_mask, causal=causal)
+    xp = _validation.check_attention_inputs(q, k, v, key_mask=key_mask, causal=causal, layout=layout)
+    q, k, v = _validation.to_bhnd(xp, layout, q, k, v)
     if scale is not None:
         scale = _validation.positive("scale", scale)
     impl = _dispatch.resolve("softmax_attention", xp, device=_validation._device_or_none(q), dtype=q.dtype,
@@ -288,6 +327,7 @@ def softmax_attention(
     out = impl(q, k, v, causal=bool(causal), key_mask=key_mask, scale=scale, xp=xp)
     if guard is not None:
         out, _ = _isolate.poison(out, None, *guard, xp=xp)
+    (out,) = _validation.to_bhnd(xp, layout, out)
     return out
 
 
@@ -298,6 +338,8 @@ def softmax_attention_weights(q, k, /, *, causal: bool = False, key_mask=None, s
     ----------
     q : array, shape (B, H, N, d)
     k : array, shape (B, H, L, d)
+        Heads before tokens only (no ``layout``): swap axes 1 and 2 of
+        (B, N, H, d) arrays first.
     causal, key_mask, scale : as in :func:`softmax_attention`
 
     Returns
@@ -322,6 +364,8 @@ def linear_attention_weights(q, k, /, *, feature_map="elu", causal: bool = False
     ----------
     q : array, shape (B, H, N, d)
     k : array, shape (B, H, L, d)
+        Heads before tokens only (no ``layout``): swap axes 1 and 2 of
+        (B, N, H, d) arrays first.
     feature_map, causal, key_mask, eps : as in :func:`linear_attention`
 
     Returns
