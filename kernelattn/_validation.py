@@ -241,40 +241,68 @@ def check_ndim(name, a, ndim, axes):
         raise ValueError(f"{name} must have {ndim} dimensions {axes}; got shape {tuple(a.shape)}")
 
 
-def check_attention_inputs(q, k, v, *, key_mask=None, causal=False):
-    """Validate (B, H, N, d) queries, (B, H, L, d) keys, (B, H, L, e) values, a (B, L) mask and ``causal``.
+#: the axis orders the attention functions take: (batch, heads, tokens, features) or (batch, tokens, heads, features)
+LAYOUTS = ("BHND", "BNHD")
 
+
+def layout_hint(layout: str, name: str = "q") -> str:
+    """The axes of ``name`` (q, k or v) in ``layout``, and how to pass the other layout (for shape errors)."""
+    n, f = {"q": ("N", "d"), "k": ("L", "d"), "v": ("L", "e")}[name]
+    axes = {"BHND": f"(B, H, {n}, {f})", "BNHD": f"(B, {n}, H, {f})"}
+    other = "BNHD" if layout == "BHND" else "BHND"
+    return f"{axes[layout]} [layout={layout!r}; pass layout={other!r} for {axes[other]}]"
+
+
+def check_attention_inputs(q, k, v, *, key_mask=None, causal=False, layout="BHND"):
+    """Validate queries, keys and values in ``layout``, a (B, L) mask and ``causal``.
+
+    With ``layout="BHND"`` (the default) q is (B, H, N, d), k (B, H, L, d) and
+    v (B, H, L, e); with ``"BNHD"`` the head and token axes are swapped:
+    (B, N, H, d), (B, L, H, d), (B, L, H, e). Messages show the shapes as given.
     Returns the namespace.
     """
+    layout = choice("layout", layout, LAYOUTS)
     for name, a in (("q", q), ("k", k), ("v", v)):
         array(name, a)
     flag("causal", causal)
     xp = namespace_of(q=q, k=k, v=v, key_mask=key_mask)
+    h_ax, n_ax = (1, 2) if layout == "BHND" else (2, 1)
     for name, a in (("q", q), ("k", k), ("v", v)):
-        check_ndim(name, a, 4, "(B, H, N, d)" if name == "q" else "(B, H, L, d)")
+        if a.ndim != 4:
+            raise ValueError(f"{name} must have 4 dimensions {layout_hint(layout, name)}; got shape {tuple(a.shape)}")
         real_floating(xp, name, a)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    B, H, N, d = q.shape
+    B, H, N, d = q.shape[0], q.shape[h_ax], q.shape[n_ax], q.shape[3]
+    L = k.shape[n_ax]
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape[1] != H or v.shape[1] != H:
-        raise ValueError(f"head counts differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[h_ax] != H or v.shape[h_ax] != H:
+        raise ValueError(f"head counts differ (axis {h_ax}, layout={layout!r}): q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[3] != d:
         raise ValueError(f"q and k must share the head dim d: q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if v.shape[2] != k.shape[2]:
-        raise ValueError(f"k and v must have the same length L: k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if causal and N != k.shape[2]:
+    if v.shape[n_ax] != L:
+        raise ValueError(f"k and v must have the same length L (axis {n_ax}, layout={layout!r}): "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if causal and N != L:
         raise ValueError(f"causal attention needs as many queries as keys (N = L); "
-                         f"got N={N}, L={k.shape[2]}")
+                         f"got N={N}, L={L}")
     if key_mask is not None:
-        if key_mask.ndim != 2 or key_mask.shape[0] != B or key_mask.shape[1] != k.shape[2]:
-            raise ValueError(f"key_mask must have shape (B, L) = ({B}, {k.shape[2]}); "
+        if key_mask.ndim != 2 or key_mask.shape[0] != B or key_mask.shape[1] != L:
+            raise ValueError(f"key_mask must have shape (B, L) = ({B}, {L}); "
                              f"got {tuple(key_mask.shape)}")
         if not xp.isdtype(key_mask.dtype, "bool"):
             raise TypeError(f"key_mask must be boolean (True = a real key); got {key_mask.dtype}")
     same_device(q=q, k=k, v=v, key_mask=key_mask)
     return xp
+
+
+def to_bhnd(xp, layout, *arrays):
+    """``arrays`` in (B, H, N, d) order: swapped axes 1 and 2 for ``layout="BNHD"``, as they are otherwise."""
+    if layout == "BHND":
+        return arrays
+    return tuple(None if a is None else xp.permute_dims(a, (0, 2, 1, 3)) for a in arrays)
 
 
 def feature_size(phi, q):

@@ -170,6 +170,7 @@ def linear_attention_vjp(
     method: str = "auto",
     initial_state=None,
     return_state: bool = False,
+    layout: str = "BHND",
 ):
     """Linear attention and its vector-Jacobian product, on any backend.
 
@@ -181,6 +182,7 @@ def linear_attention_vjp(
     q : array, shape (B, H, N, d)
     k : array, shape (B, H, L, d)
     v : array, shape (B, H, L, e)
+        (B, N, H, d), (B, L, H, d), (B, L, H, e) with ``layout="BNHD"``.
     feature_map : FeatureMap or {"elu", "relu"}, default "elu"
         Any map built by :func:`kernelattn.feature_map` (trainable or fixed);
         not a plain callable.
@@ -188,17 +190,22 @@ def linear_attention_vjp(
         As in :func:`kernelattn.linear_attention`. Causal attention is
         differentiated by chunks (a reverse pass carrying the state) unless
         ``method="naive"``.
+    layout : {"BHND", "BNHD"}, default "BHND"
+        Axis order of q, k, v, ``out``, ``g_out`` and the gradients of q, k,
+        v (see :func:`kernelattn.linear_attention`); states are (B, H, m, e)
+        in both.
 
     Returns
     -------
     out : array, shape (B, H, N, e)
-        Or ``(out, state)`` when ``return_state``.
+        Or ``(out, state)`` when ``return_state``; (B, N, H, e) with
+        ``layout="BNHD"``.
     vjp : callable
-        ``vjp(g_out, g_state=None)``: ``g_out`` (B, H, N, e) is the gradient
-        of your loss for ``out``; ``g_state`` a
+        ``vjp(g_out, g_state=None)``: ``g_out``, shaped like ``out``, is the
+        gradient of your loss for ``out``; ``g_state`` a
         :class:`~kernelattn.LinearAttentionState` for the returned state, or
         None. Returns :class:`LinearAttentionGrads` ``(q, k, v, feature_map,
-        initial_state)``, the input gradients in the inputs' dtypes.
+        initial_state)``, the input gradients in the inputs' dtypes and layout.
 
     Examples
     --------
@@ -212,7 +219,8 @@ def linear_attention_vjp(
     >>> [g["W"].shape for g in grads.feature_map.params["shared"]]
     [(2, 8, 8), (2, 8, 8), (2, 8, 8)]
     """
-    xp = _validation.check_attention_inputs(q, k, v, key_mask=key_mask, causal=causal)
+    xp = _validation.check_attention_inputs(q, k, v, key_mask=key_mask, causal=causal, layout=layout)
+    q, k, v = _validation.to_bhnd(xp, layout, q, k, v)  # computed as (B, H, N, d); swapped back on the way out
     eps, chunk_size, method = _static_checks(eps, chunk_size, method)
     return_state = _validation.flag("return_state", return_state)
     phi = _differentiable(feature_map)
@@ -229,12 +237,14 @@ def linear_attention_vjp(
     out, state, inner = _core.linear_attention_vjp(
         qc, kc, vc, feature_map=phi, causal=bool(causal), key_mask=key_mask, eps=float(eps),
         chunk_size=64 if chunk_size is None else chunk_size, method=method, initial_state=init, xp=xp)
-    out_shape = tuple(out.shape)
+    out_shape = tuple(out.shape) if layout == "BHND" else tuple(out.shape[i] for i in (0, 2, 1, 3))
 
     def vjp(g_out, g_state=None):
         _validation.namespace_of(q=q, g_out=_validation.array("g_out", g_out))
         if tuple(g_out.shape) != out_shape:
-            raise ValueError(f"g_out must have the shape of the output, {out_shape}; got {tuple(g_out.shape)}")
+            raise ValueError(f"g_out must have the shape of the output, {out_shape} (layout={layout!r}); "
+                             f"got {tuple(g_out.shape)}")
+        (g_out,) = _validation.to_bhnd(xp, layout, g_out)
         if g_state is not None:
             g_state = tuple(cast(s, cdt, xp=xp) for s in _validation.check_state(
                 g_state, q, B=B, H=H, e=e, m=None if state is None else state[1].shape[2], name="g_state"))
@@ -247,12 +257,12 @@ def linear_attention_vjp(
         gq, gk, gv, gparams, g0 = inner(g_out, g_state)
         if g0 is not None:
             g0 = LinearAttentionState(*(cast(g, s.dtype, xp=xp) for g, s in zip(g0, initial_state)))
-        gq, gk, gv = (cast(g, dt, xp=xp) for g, dt in zip((gq, gk, gv), dtypes))
+        gq, gk, gv = _validation.to_bhnd(xp, layout, *(cast(g, dt, xp=xp) for g, dt in zip((gq, gk, gv), dtypes)))
         return LinearAttentionGrads(gq, gk, gv, _grad_map(phi, gparams), g0)
 
     if guard is not None:
         out, state = _isolate.poison(out, state, *guard, xp=xp)
-    out = cast(out, dtypes[0], xp=xp)
+    (out,) = _validation.to_bhnd(xp, layout, cast(out, dtypes[0], xp=xp))
     if return_state:
         return (out, LinearAttentionState(*state)), vjp
     return out, vjp
