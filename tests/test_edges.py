@@ -68,37 +68,38 @@ def glu(rng_seed=0, dtype="float64"):
 # running one path: outputs and gradients, as float64 NumPy
 
 
-def _torch_grads(bk, q, k, v, g, phi, key_mask, kw):
+def _torch_grads(bk, q, k, v, g, phi, key_mask, kw, dtype="float32"):
     import torch
 
-    ts = [torch.tensor(a, dtype=torch.float32, requires_grad=True) for a in (q, k, v)]
+    ts = [torch.tensor(a).to(getattr(torch, dtype)).requires_grad_(True) for a in (q, k, v)]
     phi_t = phi.to(like=ts[0])
     leaves = [p.detach().clone().requires_grad_(True) for p in phi_t.parameters()]
     phi_t = phi_t.replace(params=_tree.with_leaves(phi_t.params, leaves))
     km = None if key_mask is None else torch.tensor(key_mask)
     out = ka.linear_attention(*ts, feature_map=phi_t, key_mask=km, **kw)
-    (out * torch.tensor(g, dtype=torch.float32)).sum().backward()
+    (out.float() * torch.tensor(g, dtype=torch.float32)).sum().backward()
     grads = [t.grad for t in ts] + [p.grad for p in leaves]
-    return to_numpy(out.detach()), [np.zeros(1) if x is None else to_numpy(x) for x in grads]
+    return to_numpy(out.detach().float()), [np.zeros(1) if x is None else to_numpy(x.float()) for x in grads]
 
 
-def _jax_grads(bk, q, k, v, g, phi, key_mask, kw):
+def _jax_grads(bk, q, k, v, g, phi, key_mask, kw, dtype="float32"):
     import jax
     import jax.numpy as jnp
 
-    arrs = [jnp.asarray(a, dtype=jnp.float32) for a in (q, k, v)]
+    arrs = [jnp.asarray(a, dtype=getattr(jnp, dtype)) for a in (q, k, v)]
     phi_j = phi.to(like=arrs[0])
     km = None if key_mask is None else jnp.asarray(key_mask)
     gj = jnp.asarray(g, dtype=jnp.float32)
 
     def loss(q, k, v, params):
         out = ka.linear_attention(q, k, v, feature_map=phi_j.replace(params=params), key_mask=km, **kw)
-        return jnp.sum(out * gj), out
+        return jnp.sum(out.astype(jnp.float32) * gj), out
 
     (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(
         *arrs, phi_j.params)
     gq, gk, gv, gp = grads
-    return to_numpy(out), [to_numpy(x) for x in (gq, gk, gv, *_tree.leaves(gp))]
+    return (to_numpy(out.astype(jnp.float32)),
+            [to_numpy(x.astype(jnp.float32)) for x in (gq, gk, gv, *_tree.leaves(gp))])
 
 
 def _hand_grads(bk, q, k, v, g, phi, key_mask, kw):
@@ -246,6 +247,30 @@ def test_half_precision_within_documented_tolerance(xp_backend, rng, dtype, caus
                                   key_mask=bk.asarray(key_mask), causal=causal, chunk_size=CHUNK, backend=backend)
         assert out.dtype == arrs[0].dtype
         assert rel(to_numpy(out).astype(np.float64), ref) < HALF_TOL
+
+
+#: documented tolerance of half-precision gradients (same measure)
+HALF_GRAD_TOL = 1e-2
+
+
+@pytest.mark.backends("torch", "jax")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_half_precision_gradients_within_documented_tolerance(xp_backend, rng, dtype, causal):
+    """Gradients of half inputs against the definition on the rounded inputs and parameters."""
+    bk = xp_backend
+    q, k, v, g, key_mask = inputs(rng, "left")
+    xs = [to_numpy(bk.asarray(a, dtype=dtype)).astype(np.float64) for a in (q, k, v)]
+    phi = glu()
+    # the map runs in the inputs' dtype: compare with its parameters rounded the same way
+    rounded = [to_numpy(p).astype(np.float64) for p in phi.to(like=bk.asarray(q, dtype=dtype)).parameters()]
+    phi_r = phi.replace(params=_tree.with_leaves(phi.params, rounded))
+    out, grads = GRADS[bk.name](bk, *xs, g, phi_r, key_mask, dict(causal=causal, chunk_size=CHUNK), dtype=dtype)
+    want = reference_linear_attention_vjp(*xs, g, feature_map=phi_r, causal=causal, key_mask=key_mask)
+    assert rel(out, reference_linear_attention(*xs, feature_map=phi_r, causal=causal, key_mask=key_mask)) < HALF_TOL
+    for got, exp in zip(grads, [want["q"], want["k"], want["v"], *want["params"]]):
+        assert np.isfinite(got).all()
+        assert rel(got, exp) < HALF_GRAD_TOL, rel(got, exp)
 
 
 # ---------------------------------------------------------------------------
