@@ -186,6 +186,18 @@ class FeatureMap(nnx.Module):
         return self.as_feature_map().key(x)
 
 
+def _check_input(name, x, width, width_name="in_features"):
+    """``x`` if it is a floating JAX (or NumPy) array (B, N, width); a one-line error naming it otherwise."""
+    if not isinstance(x, (jax.Array, np.ndarray)):  # tracers are jax.Array too
+        raise TypeError(f"{name} must be a JAX array of shape (B, N, D), D = {width_name} = {width}; "
+                        f"got {_check.described(x)}")
+    if x.ndim != 3 or x.shape[-1] != width:
+        raise ValueError(f"{name} must have shape (B, N, D), D = {width_name} = {width}; got {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must have a floating dtype; got {x.dtype}")
+    return x
+
+
 def _check_rngs(rngs, *, optional=False):
     if rngs is None and optional:
         return
@@ -251,7 +263,7 @@ class MultiheadLinearAttention(nnx.Module):
                 raise ValueError(f"in_features={in_features} is not a multiple of num_heads={num_heads}; "
                                  f"pass head_dim")
             head_dim = in_features // num_heads
-        self.num_heads, self.head_dim = num_heads, head_dim
+        self.num_heads, self.head_dim, self.in_features = num_heads, head_dim, in_features
         self.causal, self.eps, self.chunk_size = causal, eps, chunk_size
         width = num_heads * head_dim
         self.query = nnx.Linear(in_features, width, use_bias=use_bias, rngs=rngs)
@@ -283,8 +295,12 @@ class MultiheadLinearAttention(nnx.Module):
         -------
         array, shape (B, N, out_features)
         """
-        if x.ndim != 3:
-            raise ValueError(f"x must have shape (B, N, D); got {x.shape}")
+        _check_input("x", x, self.in_features)
+        if context is not None:
+            _check_input("context", context, self.in_features)
+            if context.shape[0] != x.shape[0]:
+                raise ValueError(f"x and context must have one batch size; got shapes {tuple(x.shape)} and "
+                                 f"{tuple(context.shape)}")
         context = x if context is None else context
         q = self._heads(self.query(x))
         k, v = self._heads(self.key(context)), self._heads(self.value(context))
@@ -332,6 +348,7 @@ class EncoderBlock(nnx.Module):
 
     def __call__(self, x, *, key_mask=None):
         """x (B, N, D) -> (B, N, D); ``key_mask`` (B, N) marks real tokens."""
+        _check_input("x", x, self.attention.in_features, "features")
         x = x + self.attention(self.norm1(x), key_mask=key_mask)
         h = self.dropout(nnx.gelu(self.mlp_in(self.norm2(x))))
         return x + self.dropout(self.mlp_out(h))

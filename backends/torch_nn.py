@@ -129,6 +129,7 @@ class FeatureMap(nn.Module):
         """
         if role not in ("query", "key"):
             raise ValueError(f"role must be 'query' or 'key'; got {role!r}")
+        _tensor("x", x)
         if x.ndim != 4:
             raise ValueError(f"x must have 4 dimensions (B, H, N, d); got shape {tuple(x.shape)}")
         phi = self.as_feature_map()
@@ -174,6 +175,18 @@ class _DropoutFeatureMap(_CallableFeatureMap):
 
     def apply(self, x, *, role, xp):
         return _torch_fmap.apply(self.phi, x, role=role, dropout=self.p, training=True)
+
+
+def _tensor(name, x, width=None, width_name="embed_dim"):
+    """``x`` if it is a floating tensor whose last axis has ``width`` features; a one-line error otherwise."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {_check.described(x)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64); got {x.dtype}")
+    if width is not None and x.ndim >= 1 and x.shape[-1] != width:
+        raise ValueError(f"{name} must have {width_name}={width} features in its last dimension; "
+                         f"got shape {tuple(x.shape)}")
+    return x
 
 
 def _as_key_mask(key_padding_mask, batch, length, name="key_padding_mask"):
@@ -291,9 +304,12 @@ class MultiheadLinearAttention(nn.Module):
             return phi
         return _DropoutFeatureMap(phi, self.dropout)
 
+    def _width(self, name):
+        return {"query": (self.embed_dim, "embed_dim"), "key": (self.kdim, "kdim"),
+                "value": (self.vdim, "vdim")}[name]
+
     def _batch(self, x, name):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+        _tensor(name, x, *self._width(name))
         if x.ndim == 2:  # unbatched (T, E)
             return x.unsqueeze(0), True
         if x.ndim != 3:
@@ -330,6 +346,9 @@ class MultiheadLinearAttention(nn.Module):
         out : torch.Tensor, shape like ``query``
         weights : None
         """
+        need_weights = _check.flag("need_weights", need_weights)
+        average_attn_weights = _check.flag("average_attn_weights", average_attn_weights)
+        is_causal = _check.flag("is_causal", is_causal)
         if need_weights:
             raise ValueError("need_weights=True is not supported: linear attention never forms the (N, L) "
                              "attention weights. Call with need_weights=False, or inspect the weights with "
@@ -341,13 +360,22 @@ class MultiheadLinearAttention(nn.Module):
         key = query if key is None else key
         value = key if value is None else value
         q_in, unbatched = self._batch(query, "query")
-        k_in, _ = self._batch(key, "key")
-        v_in, _ = self._batch(value, "value")
+        k_in, k_unbatched = self._batch(key, "key")
+        v_in, v_unbatched = self._batch(value, "value")
+        if not unbatched == k_unbatched == v_unbatched:
+            raise ValueError(f"query, key and value must all be batched (3-D) or all unbatched (2-D); got shapes "
+                             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+        if not q_in.shape[0] == k_in.shape[0] == v_in.shape[0]:
+            raise ValueError(f"query, key and value must have one batch size; got shapes {tuple(query.shape)}, "
+                             f"{tuple(key.shape)}, {tuple(value.shape)}")
+        if k_in.shape[1] != v_in.shape[1]:
+            raise ValueError(f"key and value must have the same sequence length; got shapes {tuple(key.shape)}, "
+                             f"{tuple(value.shape)}")
         kpm = key_padding_mask.unsqueeze(0) if (unbatched and key_padding_mask is not None) else key_padding_mask
         key_mask = _as_key_mask(kpm, k_in.shape[0], k_in.shape[1])
         out = ka.linear_attention(self._heads(q_in, self.q_proj), self._heads(k_in, self.k_proj),
                                   self._heads(v_in, self.v_proj), feature_map=self._phi(),
-                                  causal=self.causal or bool(is_causal), key_mask=key_mask, eps=self.eps,
+                                  causal=self.causal or is_causal, key_mask=key_mask, eps=self.eps,
                                   chunk_size=self.chunk_size)
         out = self.out_proj(out.transpose(1, 2).reshape(q_in.shape[0], q_in.shape[1], self.embed_dim))
         if unbatched:
@@ -381,7 +409,11 @@ class MultiheadLinearAttention(nn.Module):
                              "build it with causal=True to decode token by token")
         key = query if key is None else key
         value = key if value is None else value
-        single = getattr(query, "ndim", None) == 2
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            _tensor(name, x, *self._width(name))
+        if key_padding_mask is not None and not isinstance(key_padding_mask, torch.Tensor):
+            _as_key_mask(key_padding_mask, 0, 0)  # raises, naming it
+        single = query.ndim == 2
         if single:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None and key_padding_mask.ndim == 1:
@@ -489,9 +521,9 @@ class LinearTransformerEncoderLayer(nn.Module):
         ``src_key_padding_mask`` (B, N): True marks padding. ``src_mask`` is
         accepted only as the causal mask with ``is_causal=True``.
         """
-        x = src
+        x = _tensor("src", src, self.self_attn.embed_dim, "d_model")
         x = x + self.self_attn(self.norm1(x), key_padding_mask=src_key_padding_mask, attn_mask=src_mask,
-                               is_causal=is_causal)[0]
+                               is_causal=_check.flag("is_causal", is_causal))[0]
         return x + self._ff(self.norm2(x))
 
     def step(self, x, *, state=None, key_padding_mask=None):
@@ -499,6 +531,7 @@ class LinearTransformerEncoderLayer(nn.Module):
 
         Needs ``causal=True``; see :meth:`MultiheadLinearAttention.step`.
         """
+        _tensor("x", x, self.self_attn.embed_dim, "d_model")
         h, state = self.self_attn.step(self.norm1(x), state=state, key_padding_mask=key_padding_mask)
         x = x + h
         return x + self._ff(self.norm2(x)), state
