@@ -29,6 +29,7 @@ from .feature_maps import (
     orthogonality_penalty,
 )
 from .grad import DistillationGrads, LinearAttentionGrads, feature_map_vjp, linear_attention_vjp, value_and_grad
+from .decoding import LinearAttentionDecoder, decode_step
 from .fit import ApproximationError, FitHistory, approximation_error, fit_feature_map
 from . import data, losses, optim
 from ._dispatch import KNOWN_BACKENDS, Resolution
@@ -76,11 +77,13 @@ __all__ = sorted([
     "FitHistory",
     "KINDS",
     "KNOWN_BACKENDS",
+    "LinearAttentionDecoder",
     "LinearAttentionGrads",
     "LinearAttentionState",
     "Resolution",
     "approximation_error",
     "data",
+    "decode_step",
     "explain_dispatch",
     "feature_map",
     "feature_map_vjp",

@@ -1,0 +1,353 @@
+"""Fast token-by-token decoding: a step object bound to a feature map.
+
+:func:`~kernelattn.linear_attention_step` checks, dispatches and allocates on
+every call. :class:`LinearAttentionDecoder` does that once, at construction,
+and then each :meth:`~LinearAttentionDecoder.step` costs the feature map on
+one token and the state update: in place in torch (when autograd is not
+recording) and NumPy, a jit-compiled step with donated state in JAX, and the
+array-API form for every other library. :func:`decode_step` is the pure
+function underneath (no checks, no mutation), for ``jax.grad`` and friends.
+"""
+
+from __future__ import annotations
+
+from . import _compat, _validation
+from ._agnostic._utils import cast, compute_dtype
+from ._agnostic.attention import normalise
+from .attention import LinearAttentionState
+from .feature_maps import as_feature_map
+
+__all__ = ["LinearAttentionDecoder", "decode_step"]
+
+_FFN_KINDS = ("ffn", "glu", "aoglu")
+
+
+def _features(phi, q, k, *, xp):
+    """phi(q), phi(k) of (B, H, d) tokens in the compute dtype: (B, H, m) each.
+
+    A tied map sees q and k stacked, so each block is one matmul for both.
+    """
+    if getattr(phi, "tied", False) or getattr(phi, "key_fn", None) is getattr(phi, "query_fn", 0):
+        f = phi.apply(xp.stack((q, k), axis=2), role="query", xp=xp)
+        return f[:, :, 0, :], f[:, :, 1, :]
+    return (phi.apply(q[:, :, None, :], role="query", xp=xp)[:, :, 0, :],
+            phi.apply(k[:, :, None, :], role="key", xp=xp)[:, :, 0, :])
+
+
+def decode_step(phi, S, z, q, k, v, key_mask=None, *, eps=1e-6):
+    """One causal decoding step as a pure function: ``(out, S, z)``.
+
+    The math of :func:`~kernelattn.linear_attention_step` on one token, with
+    no checks and no mutation, in any array-API library (differentiable by
+    torch autograd and ``jax.grad``; ``jax.jit`` it as it is).
+
+    Parameters
+    ----------
+    phi : FeatureMap (or what ``linear_attention(feature_map=...)`` takes, already normalised)
+    S : array, shape (B, H, m, e)
+    z : array, shape (B, H, m)
+        The state, in the compute dtype (float32 for half-precision inputs).
+    q, k : array, shape (B, H, d)
+    v : array, shape (B, H, e)
+    key_mask : bool array, shape (B,), optional
+        False: the token is padding and does not enter the state.
+    eps : float, default 1e-6
+
+    Returns
+    -------
+    out : array, shape (B, H, e), in q's dtype
+    S, z : the state after the token
+    """
+    xp = _compat.array_namespace(q)
+    dtype = q.dtype
+    cdt = S.dtype
+    q, k, v = (cast(a, cdt, xp=xp) for a in (q, k, v))
+    fq, fk = _features(phi, q, k, xp=xp)
+    if key_mask is not None:
+        keep = key_mask[:, None, None]
+        fk = xp.where(keep, fk, xp.zeros_like(fk))
+        v = xp.where(keep, v, xp.zeros_like(v))
+    S = S + fk[..., :, None] * v[..., None, :]
+    z = z + fk
+    num = xp.matmul(fq[..., None, :], S)[..., 0, :]
+    den = xp.sum(fq * z, axis=-1, keepdims=True)
+    return cast(normalise(num, den, eps, xp=xp), dtype, xp=xp), S, z
+
+
+_JAX_STEP = None
+
+
+def _jax_step():
+    # built on first use: importing kernelattn imports no framework
+    global _JAX_STEP
+    if _JAX_STEP is None:
+        import jax
+
+        _JAX_STEP = jax.jit(decode_step, static_argnames=("eps",), donate_argnums=(1, 2))
+    return _JAX_STEP
+
+
+class LinearAttentionDecoder:
+    """Causal linear attention one token at a time, bound to ``feature_map``.
+
+    Everything :func:`~kernelattn.linear_attention_step` checks per call
+    (phi against H and d, dtype, library, device, the state) is checked
+    here, once; :meth:`step` then checks nothing, so pass it arrays like
+    the ones the decoder was built for.
+
+    Parameters
+    ----------
+    feature_map : FeatureMap, str, callable or (callable, callable)
+        phi, as in :func:`~kernelattn.linear_attention`.
+    batch : int, optional
+        B; default ``like.shape[0]`` or the state's.
+    like : array, shape (B, H, d)
+        A query token: its library, device, dtype, H and d. Optional when
+        ``state`` is given (then the state's dtype is the input dtype).
+    value_dim : int, optional
+        e; needed without ``state``.
+    state : LinearAttentionState, optional
+        Start from it (for instance the state of
+        ``linear_attention(prompt..., causal=True, return_state=True)``);
+        it is copied, never changed. Default: empty.
+    eps : float, default 1e-6
+
+    Examples
+    --------
+    >>> import numpy as np, kernelattn as ka
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 1, 2, 6, 4))
+    >>> _, state = ka.linear_attention(q[:, :, :3], k[:, :, :3], v[:, :, :3], causal=True,
+    ...                                return_state=True)
+    >>> dec = ka.LinearAttentionDecoder("elu", like=q[:, :, 0], state=state)
+    >>> outs = [dec.step(q[:, :, t], k[:, :, t], v[:, :, t]) for t in range(3, 6)]
+    >>> full = ka.linear_attention(q, k, v, causal=True)
+    >>> bool(np.allclose(np.stack(outs, axis=2), full[:, :, 3:]))
+    True
+    """
+
+    #: the pure step ``(phi, S, z, q, k, v, key_mask=None, *, eps) -> (out, S, z)``
+    step_fn = staticmethod(decode_step)
+
+    def __init__(self, feature_map="elu", *, batch=None, like=None, value_dim=None, state=None,
+                 eps: float = 1e-6):
+        self.eps = _validation.nonnegative("eps", eps)
+        phi = as_feature_map(feature_map)
+        if like is None and state is None:
+            raise TypeError("LinearAttentionDecoder needs like=<a (B, H, d) query token> or state=")
+        ref = like if like is not None else state[0]
+        _validation.array("like" if like is not None else "state.S", ref)
+        xp = _compat.array_namespace(ref)
+        _validation.real_floating(xp, "like", ref)
+        if like is not None:
+            _validation.check_ndim("like", like, 3, "(B, H, d)")
+            B, H, d = like.shape
+        else:
+            B, H = state[0].shape[0], state[0].shape[1]
+            d = phi.head_dim if getattr(phi, "head_dim", None) is not None else None
+        if batch is not None:
+            batch = _validation.integer("batch", batch)
+            if batch != B:
+                raise ValueError(f"batch={batch} but like/state has B={B}")
+        if state is not None:
+            e = state[0].shape[3] if state[0].ndim == 4 else None
+            if value_dim is not None and _validation.integer("value_dim", value_dim) != e:
+                raise ValueError(f"value_dim={value_dim} but state.S has e={e}")
+        elif value_dim is None:
+            raise TypeError("LinearAttentionDecoder needs value_dim=e (or state=)")
+        else:
+            e = _validation.integer("value_dim", value_dim)
+        self.dtype = ref.dtype
+        cdt = compute_dtype(ref.dtype, xp=xp)
+        device = _compat.device(ref)
+        if d is None:
+            raise TypeError(f"give like=<a (B, H, d) query token> to decode with feature map {phi.kind!r}")
+        probe = xp.zeros((B, H, 1, d), dtype=ref.dtype, device=device)
+        phi.check_compatible(probe, name="q")
+        m = _validation.feature_size(phi, probe)
+        if m is None:  # a callable: run it once for its width (and its checks)
+            m = phi.apply(cast(probe, cdt, xp=xp), role="query", xp=xp).shape[-1]
+        if state is not None:
+            _validation.check_state(tuple(state), probe, B=B, H=H, e=e, m=m)
+        self.phi, self.xp = phi, xp
+        self.batch, self.num_heads, self.head_dim, self.feature_dim, self.value_dim = B, H, d, m, e
+        if state is None:
+            S = xp.zeros((B, H, m, e), dtype=cdt, device=device)
+            z = xp.zeros((B, H, m), dtype=cdt, device=device)
+        else:
+            S, z = (cast(a, cdt, xp=xp) for a in state)
+        self._kind = ("torch" if _compat.is_torch_namespace(xp) else "jax" if _compat.is_jax_namespace(xp)
+                      else "numpy" if _compat.is_numpy_namespace(xp) else "generic")
+        getattr(self, f"_init_{self._kind}")(S, z)
+
+    # -- the state ------------------------------------------------------------
+    @property
+    def state(self) -> LinearAttentionState:
+        """The running sums (S (B, H, m, e), z (B, H, m)) after the tokens seen so far."""
+        if self._kind == "torch":
+            e = self.value_dim
+            Sz = self._Sz.view(self.batch, self.num_heads, self.feature_dim, e + 1)
+            return LinearAttentionState(Sz[..., :e], Sz[..., e])
+        return LinearAttentionState(self._S, self._z)
+
+    def step(self, q, k, v, key_mask=None):
+        """Attend one token (B, H, d), (B, H, d), (B, H, e) to all before it and itself.
+
+        ``key_mask`` (B,) bool: False marks a padding token, which does not
+        enter the state. Returns (B, H, e) in the input dtype.
+        """
+        return self._step(q, k, v, key_mask)
+
+    __call__ = step
+
+    # -- numpy: in-place ufuncs ----------------------------------------------------
+    def _init_numpy(self, S, z):
+        import numpy as np
+
+        self._S, self._z = np.array(S, copy=True), np.array(z, copy=True)
+        self._np = np
+        self._step = self._step_numpy
+
+    def _step_numpy(self, q, k, v, key_mask):
+        np, S, z = self._np, self._S, self._z
+        cdt = S.dtype
+        q, k, v = (cast(a, cdt, xp=self.xp) for a in (q, k, v))
+        fq, fk = _features(self.phi, q, k, xp=self.xp)
+        if key_mask is not None:
+            keep = np.asarray(key_mask)[:, None, None]
+            fk = np.where(keep, fk, 0.0)
+            v = np.where(keep, v, 0.0)
+        np.add(S, fk[..., :, None] * v[..., None, :], out=S)
+        np.add(z, fk, out=z)
+        num = np.matmul(fq[..., None, :], S)[..., 0, :]
+        den = np.einsum("bhm,bhm->bh", fq, z)[..., None]
+        ok = den != 0
+        np.add(den, self.eps, out=den)
+        np.divide(num, den, out=num, where=ok)
+        np.copyto(num, 0.0, where=~ok)
+        return num if num.dtype == self.dtype else num.astype(self.dtype)
+
+    # -- any other array-API library: the pure step ---------------------------------
+    def _init_generic(self, S, z):
+        self._S, self._z = S, z
+        self._step = self._step_generic
+
+    def _step_generic(self, q, k, v, key_mask):
+        out, self._S, self._z = decode_step(self.phi, self._S, self._z, q, k, v, key_mask, eps=self.eps)
+        return out
+
+    # -- jax: one jit-compiled step, the state donated -------------------------------
+    def _init_jax(self, S, z):
+        import jax.numpy as jnp
+
+        from .feature_maps import _register_pytrees
+
+        _register_pytrees()
+        from .feature_maps import FeatureMap
+
+        self._S, self._z = jnp.array(S, copy=True), jnp.array(z, copy=True)  # donated: never the caller's
+        if isinstance(self.phi, FeatureMap):  # a pytree: one compiled step for every decoder
+            self._jit = _jax_step()
+        else:  # a callable is no pytree, so close over it
+            import jax
+
+            phi = self.phi
+            fn = jax.jit(lambda _, S, z, q, k, v, mask, eps: decode_step(phi, S, z, q, k, v, mask, eps=eps),
+                         static_argnames=("eps",), donate_argnums=(1, 2))
+            self._jit = lambda phi, S, z, q, k, v, mask, eps: fn(None, S, z, q, k, v, mask, eps=eps)
+        self._step = self._step_jax
+
+    def _step_jax(self, q, k, v, key_mask):
+        out, self._S, self._z = self._jit(self.phi, self._S, self._z, q, k, v, key_mask, eps=self.eps)
+        return out
+
+    # -- torch: S and z as one (B*H, m, e + 1) buffer, updated in place ---------------
+    def _init_torch(self, S, z):
+        import torch
+        import torch.nn.functional as F
+
+        self._torch, self._F = torch, F
+        B, H, m, e = self.batch, self.num_heads, self.feature_dim, self.value_dim
+        # z rides as S's last column: one baddbmm updates both, one bmm reads num and den
+        self._Sz = torch.cat((S, z[..., None]), dim=-1).reshape(B * H, m, e + 1)
+        self._vbuf = torch.ones((B * H, 1, e + 1), dtype=S.dtype, device=S.device)
+        self._vbuf_masked = False
+        phi = self.phi
+        self._blocks = None
+        if getattr(phi, "kind", None) in _FFN_KINDS and phi.tied:
+            self._blocks = phi.blocks("query")
+        self._params = tuple(phi.parameters()) if hasattr(phi, "parameters") else ()
+        self._step = self._step_torch
+
+    def _phi_torch(self, x):
+        # x (B, H, n, d) in the compute dtype -> (B, H, n, m)
+        phi, F = self.phi, self._F
+        if self._blocks is None:
+            if getattr(phi, "kind", None) == "elu":
+                return F.elu(x) + 1.0
+            return phi.apply(x, role="query", xp=self.xp)
+        last = len(self._blocks) - 1
+        for i, blk in enumerate(self._blocks):
+            W = blk["W"]
+            y = self._torch.matmul(x, W if W.dtype == x.dtype else W.to(x.dtype))
+            if blk.get("b") is not None:
+                y = y + blk["b"].to(x.dtype)[:, None, :]
+            if i == last:
+                y = F.softplus(y)
+            if "G" in blk or "A" in blk:
+                if "G" in blk:
+                    g = self._torch.matmul(x, blk["G"].to(x.dtype))
+                else:
+                    g = self._torch.matmul(self._torch.matmul(x, blk["A"].to(x.dtype)), blk["B"].to(x.dtype))
+                if blk.get("c") is not None:
+                    g = g + blk["c"].to(x.dtype)[:, None, :]
+                y = y * self._torch.sigmoid(g)
+            x = y
+        return x
+
+    def _step_torch(self, q, k, v, key_mask):
+        torch = self._torch
+        B, H, m, e = self.batch, self.num_heads, self.feature_dim, self.value_dim
+        Sz = self._Sz
+        cdt = Sz.dtype
+        if q.dtype != cdt:
+            q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+        if self._blocks is not None or getattr(self.phi, "kind", None) == "elu":
+            f = self._phi_torch(torch.stack((q, k), dim=2))
+            fq, fk = f[:, :, 0, :], f[:, :, 1, :]
+        else:
+            fq, fk = _features(self.phi, q, k, xp=self.xp)
+        recording = torch.is_grad_enabled() and (
+            Sz.requires_grad or q.requires_grad or k.requires_grad or v.requires_grad
+            or any(p.requires_grad for p in self._params))
+        if key_mask is not None:
+            keep = key_mask[:, None, None]
+            fk = torch.where(keep, fk, 0.0)
+            v = torch.where(keep, v, 0.0)
+        fk = fk.reshape(B * H, m, 1)
+        fq = fq.reshape(B * H, 1, m)
+        if recording or Sz.requires_grad:
+            # out of place, so autograd sees every step (and no saved tensor is overwritten)
+            ones = torch.ones((B * H, 1, 1), dtype=cdt, device=Sz.device)
+            if key_mask is not None:
+                ones = torch.where(keep.reshape(B, 1, 1).expand(B, H, 1).reshape(B * H, 1, 1), ones, 0.0)
+            vaug = torch.cat((v.reshape(B * H, 1, e), ones), dim=-1)
+            Sz = self._Sz = torch.baddbmm(Sz, fk, vaug)
+            r = torch.bmm(fq, Sz)
+            num, den = r[..., :e], r[..., e:]
+            ok = den != 0
+            out = torch.where(ok, num / torch.where(ok, den + self.eps, 1.0), 0.0)
+        else:
+            vb = self._vbuf
+            vb[:, :, :e].copy_(v.reshape(B * H, 1, e))
+            if key_mask is not None:  # a padded token adds nothing to z either
+                vb[:, :, e:].copy_(keep.reshape(B, 1, 1).expand(B, H, 1).reshape(B * H, 1, 1))
+                self._vbuf_masked = True
+            elif self._vbuf_masked:
+                vb[:, :, e:].fill_(1.0)
+                self._vbuf_masked = False
+            Sz.baddbmm_(fk, vb)
+            r = torch.bmm(fq, Sz)
+            num, den = r[..., :e], r[..., e:]
+            out = torch.where(den != 0, num / (den + self.eps), 0.0)
+        out = out.reshape(B, H, e)
+        return out if out.dtype == self.dtype else out.to(self.dtype)
