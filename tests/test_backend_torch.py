@@ -113,8 +113,9 @@ def test_torch_tensors_take_the_fast_paths_automatically():
     for method in ("naive", "recurrent"):  # the references stay on the core, with a reason
         res = ka.explain_dispatch("linear_attention", x, causal=True, method=method, masked=False, kind="glu")
         assert res.backend == "agnostic" and "reference" in res.reason
-    with pytest.raises(ValueError, match="reference"):
-        ka.linear_attention(x, x, x, causal=True, method="naive", backend="torch")
+    # naming the backend with a reference method runs that method on the core (issue 14, item 7)
+    naive = ka.linear_attention(x, x, x, causal=True, method="naive", backend="torch")
+    assert rel_rms_error(naive, reference_linear_attention(x, x, x, causal=True)) < 1e-5
 
 
 def test_environment_switch_sends_torch_to_the_core(monkeypatch):
