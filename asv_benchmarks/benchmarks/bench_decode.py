@@ -1,4 +1,5 @@
-"""Recurrent decoding: one token at a time with :func:`kernelattn.linear_attention_step`."""
+"""Recurrent decoding: one token at a time with :func:`kernelattn.linear_attention_step`
+and with :class:`kernelattn.LinearAttentionDecoder` (checked once, state updated in place)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,14 @@ TOKENS = 64
 
 
 class Decode(XPBenchmark):
-    params = [BACKENDS, ["elu", "glu"]]
+    params = [BACKENDS, ["elu", "ffn", "glu"]]
     param_names = ["backend", "kernel"]
 
     def setup(self, backend, kernel):
         self.setup_backend(backend)
         q, k, v = (self.to_array(a) for a in inputs(256 + TOKENS))
         phi = ka.feature_map("elu") if kernel == "elu" else ka.feature_map(
-            "glu", num_heads=HEADS, head_dim=HEAD_DIM, seed=0, like=q)
+            kernel, num_heads=HEADS, head_dim=HEAD_DIM, seed=0, like=q)
         _, self.state0 = ka.linear_attention(q[:, :, :256, :], k[:, :, :256, :], v[:, :, :256, :],
                                              feature_map=phi, causal=True, return_state=True)
         self.tokens = [(q[:, :, t, :], k[:, :, t, :], v[:, :, t, :]) for t in range(256, 256 + TOKENS)]
@@ -28,6 +29,8 @@ class Decode(XPBenchmark):
                                                                                    state=state))
         self.phi = phi
         self.decode()
+        self.decoder = ka.LinearAttentionDecoder(phi, like=self.tokens[0][0], state=self.state0)
+        self.time_decoder_step()
 
     def decode(self):
         state = self.state0
@@ -44,3 +47,7 @@ class Decode(XPBenchmark):
         return TOKENS / (time.perf_counter() - t0)
 
     track_tokens_per_second.unit = "tokens/s"
+
+    def time_decoder_step(self, *params):
+        # one token per call; the state keeps growing, which costs the same every step
+        return self.sync(self.decoder.step(*self.tokens[0]))
