@@ -285,24 +285,28 @@ class LinearAttentionDecoder:
             if getattr(phi, "kind", None) == "elu":
                 return F.elu(x) + 1.0
             return phi.apply(x, role="query", xp=self.xp)
+        mm = self._torch.matmul
+        if x.shape[0] == 1:  # B = 1: a plain bmm over heads, no broadcast of the weights
+            x = x[0]
+            mm = self._torch.bmm
         last = len(self._blocks) - 1
         for i, blk in enumerate(self._blocks):
             W = blk["W"]
-            y = self._torch.matmul(x, W if W.dtype == x.dtype else W.to(x.dtype))
+            y = mm(x, W if W.dtype == x.dtype else W.to(x.dtype))
             if blk.get("b") is not None:
                 y = y + blk["b"].to(x.dtype)[:, None, :]
             if i == last:
                 y = F.softplus(y)
             if "G" in blk or "A" in blk:
                 if "G" in blk:
-                    g = self._torch.matmul(x, blk["G"].to(x.dtype))
+                    g = mm(x, blk["G"].to(x.dtype))
                 else:
-                    g = self._torch.matmul(self._torch.matmul(x, blk["A"].to(x.dtype)), blk["B"].to(x.dtype))
+                    g = mm(mm(x, blk["A"].to(x.dtype)), blk["B"].to(x.dtype))
                 if blk.get("c") is not None:
                     g = g + blk["c"].to(x.dtype)[:, None, :]
                 y = y * self._torch.sigmoid(g)
             x = y
-        return x
+        return x[None] if mm is self._torch.bmm else x
 
     def _step_torch(self, q, k, v, key_mask):
         torch = self._torch
