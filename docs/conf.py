@@ -39,6 +39,7 @@ exclude_patterns = ["_build", "examples", "**.ipynb_checkpoints"]
 templates_path = []
 html_static_path = ["_static"]
 html_css_files = ["kernelattn.css"]
+html_js_files = ["kernelattn.js"]
 html_theme = "pydata_sphinx_theme"
 html_title = f"kernelattn {release}"
 html_theme_options = {

@@ -42,15 +42,15 @@ PAGES = {
 WIDTHS = (1280, 390)
 
 # Elements whose right edge passes the viewport's, or whose content spills out of their own box,
-# unless a box between them and the article scrolls sideways (the article itself does not count:
-# a page that has to be scrolled sideways is what we look for).
+# unless a box between them and the article or sidebar scrolls sideways (those themselves do not
+# count: a page or sidebar that has to be scrolled sideways is what we look for).
 CHECK_JS = r"""
 (() => {
   const W = document.documentElement.clientWidth, bad = [];
   const scrollsX = (el) => ["auto", "scroll"].includes(getComputedStyle(el).overflowX);
   const inScroller = (el) => {
-    for (let a = el.parentElement; a && !a.classList.contains("bd-article-container")
-         && a !== document.body; a = a.parentElement) if (scrollsX(a)) return true;
+    for (let a = el.parentElement; a && !a.matches(".bd-article-container, .bd-sidebar-primary, "
+         + ".bd-sidebar-secondary") && a !== document.body; a = a.parentElement) if (scrollsX(a)) return true;
     return false;
   };
   const art = document.querySelector(".bd-article");
