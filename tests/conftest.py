@@ -14,6 +14,10 @@ import os
 
 # Before anything imports JAX: 8 simulated CPU devices for mesh tests.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Before anything imports Triton (torch's inductor does, in test_compile_warnings.py): without a
+# GPU the kernels run in Triton's interpreter, which must be chosen before the first @triton.jit.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib
 from dataclasses import dataclass, field
