@@ -95,8 +95,10 @@ def _jax_grads(bk, q, k, v, g, phi, key_mask, kw, dtype="float32"):
         out = ka.linear_attention(q, k, v, feature_map=phi_j.replace(params=params), key_mask=km, **kw)
         return jnp.sum(out.astype(jnp.float32) * gj), out
 
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(
-        *arrs, phi_j.params)
+    fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+    if kw.get("method") != "recurrent":  # jit would unroll the recurrent loop: compiling it costs seconds
+        fn = jax.jit(fn)
+    (_, out), grads = fn(*arrs, phi_j.params)
     gq, gk, gv, gp = grads
     return (to_numpy(out.astype(jnp.float32)),
             [to_numpy(x.astype(jnp.float32)) for x in (gq, gk, gv, *_tree.leaves(gp))])

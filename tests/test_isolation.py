@@ -88,7 +88,10 @@ def _run(bk, arrays, keep, g, t, *, causal, backend, method, want_grad):
             out = ka.linear_attention(q, k, v, feature_map=phi_j.replace(params=p), key_mask=km, **kw)
             return jnp.sum(jnp.where(rj, out, 0.0) * wj), out
 
-        (_, out), gr = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(*xs, phi_j.params)
+        fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+        if method != "recurrent":  # jit would unroll the recurrent loop: compiling it costs seconds
+            fn = jax.jit(fn)
+        (_, out), gr = fn(*xs, phi_j.params)
         return to_numpy(out), [to_numpy(x) for x in (*gr[:3], *_tree.leaves(gr[3]))]
     # NumPy-like libraries: the hand-derived VJP
     xs = [bk.asarray(a) for a in arrays]
