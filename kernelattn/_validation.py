@@ -138,19 +138,10 @@ def rng(name: str, seed) -> np.random.Generator:
     """A NumPy Generator from ``seed``: None, a non-negative integer, or a Generator."""
     if isinstance(seed, np.random.Generator):
         return seed
-    allowed = "None, a non-negative integer or a numpy.random.Generator"
     if seed is None:
         return np.random.default_rng()
-    raw = _scalar(seed)
-    if isinstance(raw, bool):
-        raise TypeError(f"{name} must be {allowed}; got {short(seed)}")
-    try:
-        n = operator.index(raw)
-    except TypeError:
-        raise TypeError(f"{name} must be {allowed}; got {short(seed)}") from None
-    if n < 0:
-        raise ValueError(f"{name} must be {allowed}; got {short(seed)}")
-    return np.random.default_rng(n)
+    return np.random.default_rng(integer(name, seed, low=0,
+                                         allowed="None, a non-negative integer or a numpy.random.Generator"))
 
 
 def positive_number(name, value):
