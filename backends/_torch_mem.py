@@ -4,7 +4,7 @@ A fresh tensor of tens of MiB is page-faulted in 4 KiB at a time on first
 write. On the virtual machines this project measures on, that costs ~2 us a
 page: writing a new 32 MiB output takes ~22 ms against ~4 ms for the same
 write into memory already mapped, which is as much as all the arithmetic of a
-linear-attention forward (see /work/shared/notes/cpu-performance.md). Asking
+linear-attention forward (docs/benchmarks.rst has the measurements). Asking
 the kernel for 2 MiB pages (``madvise(MADV_HUGEPAGE)``, the same thing
 PyTorch's own ``THP_MEM_ALLOC_ENABLE=1`` does for every allocation) cuts
 the number of faults by an order of magnitude.

@@ -447,7 +447,7 @@ _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 class LinearTransformerEncoderLayer(nn.Module):
     """The paper's pre-LayerNorm encoder block: ``x + Attn(LN x)``, then ``x + FFN(LN x)``.
 
-    ``FFN = Linear -> GELU -> Dropout -> Linear -> Dropout`` (PAPER.md §3); the
+    ``FFN = Linear -> GELU -> Dropout -> Linear -> Dropout`` (Yorsh & Kovalenko 2022, their experiments); the
     attention is :class:`MultiheadLinearAttention`. Called like
     ``torch.nn.TransformerEncoderLayer`` (with ``norm_first=True``).
 

@@ -127,10 +127,13 @@ def linear_attention(
     chunk_size : int, optional
         Chunk length C of the causal chunked form (default 64).
     method : {"auto", "chunked", "naive", "recurrent"}
-        Causal strategy: ``"chunked"`` (the default, O(N) memory), ``"naive"``
-        (the masked O(N^2) product, the reference) or ``"recurrent"`` (token
-        by token). Non-causal attention uses the linear form, or the
-        quadratic one for ``"naive"``. All agree to rounding.
+        ``"auto"`` (the default) lets dispatch pick the implementation: the
+        fast path of the arrays' library where it has one (see
+        :func:`~kernelattn.explain_dispatch`), else the core's chunked form.
+        Causal strategies: ``"chunked"`` (O(N) memory), ``"naive"`` (the
+        masked O(N^2) product, the reference) or ``"recurrent"`` (token by
+        token); the last two always run on the core. Non-causal attention uses
+        the linear form, or the quadratic one for ``"naive"``. All agree to rounding.
     initial_state : LinearAttentionState, optional
         Running sums (S, z) of earlier keys to continue from (causal or not).
     return_state : bool, default False

@@ -265,7 +265,7 @@ def _report_rst(results, sizes, args, machine, versions):
     for lib, res in results.items():
         times = res["times"]
         paths = ["non-causal", "causal"] + (["non-causal agnostic", "causal agnostic"] if res["has_fast"] else [])
-        out += [f".. list-table:: {lib} (softmax = {res['softmax_name']}); cells: time (x softmax, x floor F)",
+        out += [f".. list-table:: {lib} (softmax = {res['softmax_name']}); cells: time (x softmax = softmax time / this time, x floor F = this time / F)",
                 "   :header-rows: 1", "", "   * - N", "     - softmax non-causal", "     - softmax causal",
                 "     - floor F"] + [f"     - {p}" for p in paths]
         for i, n in enumerate(sizes):

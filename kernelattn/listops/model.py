@@ -1,6 +1,6 @@
 """The paper's Long Range Arena classifier, with the attention chosen by name.
 
-The backbone of Yorsh & Kovalenko's experiments (``PAPER.md`` §3, their
+The backbone of Yorsh & Kovalenko's experiments (ICANN 2022, and their
 ``lra/layers.py``):
 
 * token embedding + learned positional embedding (initialised to zero), then

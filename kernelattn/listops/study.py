@@ -28,7 +28,7 @@ from .train import TrainConfig, load_results, plot_curves, train
 
 __all__ = ["PAPER_LISTOPS", "measure_step", "run_study", "study_markdown", "study_rst", "summarize"]
 
-#: ListOps test accuracy (%) for comparison, and where it comes from (PAPER.md §3).
+#: ListOps test accuracy (%) for comparison, and where it comes from (Yorsh & Kovalenko, ICANN 2022; Tay et al. 2021).
 PAPER_LISTOPS = {
     "softmax": (36.37, "Transformer, LRA (Tay et al. 2021)"),
     "elu": (16.13, "Linear Transformer, LRA (Tay et al. 2021)"),

@@ -1,6 +1,6 @@
 """Training the ListOps classifier: the paper's recipe, resumable and deterministic.
 
-The recipe (``PAPER.md`` §3, the authors' ``LraLightningWrapper``): AdamW
+The recipe (Yorsh & Kovalenko, ICANN 2022; the authors' ``LraLightningWrapper``): AdamW
 (betas 0.9, 0.98; weight decay 0.1 on every parameter), the learning-rate
 multiplier ``min(1, t / warmup) / sqrt(max(t, warmup))``
 (:func:`kernelattn.optim.inverse_sqrt_warmup`), cross-entropy plus the
