@@ -80,19 +80,3 @@ def poison(out, state, bad_rows, bad_state, *, xp):
         state = (xp.where(bad_state[..., None, None], _nan(S, xp=xp), S),
                  xp.where(bad_state[..., None], _nan(z, xp=xp), z))
     return out, state
-
-
-def all_finite(*arrays, xp):
-    """A 0-d boolean: every entry of every array is finite.
-
-    One sum per array: a finite float sum proves every term finite (NaN and
-    Inf propagate through addition); an overflowing sum only sends the call to
-    the isolating path, which is right for any input.
-    """
-    total = None
-    for a in arrays:
-        if a is None:
-            continue
-        s = xp.sum(a, dtype=xp.float32) if xp.finfo(a.dtype).bits < 32 else xp.sum(a)
-        total = s if total is None else total + xp.astype(s, total.dtype)
-    return xp.isfinite(total)
