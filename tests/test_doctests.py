@@ -12,6 +12,7 @@ MODULES = [
     "kernelattn",
     "kernelattn.feature_maps",
     "kernelattn.attention",
+    "kernelattn.decoding",
     "kernelattn.grad",
     "kernelattn.fit",
     "kernelattn.losses",
