@@ -19,6 +19,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (README: ``pytest -n 2``) each worker gets one thread per library, so two
+# workers share the 2 cores instead of oversubscribing them; before numpy, torch or jax load.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
 import importlib
 from dataclasses import dataclass, field
 
