@@ -84,6 +84,8 @@ def _all_finite(arrays, xp) -> bool:
     """
     total = 0.0
     for a in arrays:
+        if hasattr(a, "detach"):  # a value check, not part of the graph (torch warns on float(grad tensor))
+            a = a.detach()
         if xp.finfo(a.dtype).bits < 32:  # a float16 sum overflows early
             total += float(xp.sum(a, dtype=xp.float32))
         else:
