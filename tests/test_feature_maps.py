@@ -100,7 +100,7 @@ def test_semi_orthogonal_when_width_changes():
     np.testing.assert_allclose(W0 @ np.transpose(W0, (0, 2, 1)), np.broadcast_to(np.eye(8), (2, 8, 8)), atol=1e-12)
 
 
-# the paper's parameter counts (PAPER.md): per layer, H = 8
+# the paper's parameter counts (Yorsh & Kovalenko 2022): per layer, H = 8
 @pytest.mark.parametrize("kind,depth,d,expected", [
     ("ffn", 1, 64, 32_768),
     ("glu", 1, 64, 65_536),

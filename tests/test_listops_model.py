@@ -14,7 +14,7 @@ ALL = list(ATTENTIONS)
 TINY = ModelConfig(max_length=40, hidden=32, heads=4, layers=2, mlp=48)
 
 
-# -- parameter counts (PAPER.md §2: the authors' notebooks) ---------------------------------------------------
+# -- parameter counts (Yorsh & Kovalenko 2022: the ListOps setup of the authors' notebooks) --------------
 
 AUTHORS = {"softmax": 21_019_658, "glu": 21_412_874, "glu2": 21_806_090, "aoglu3": 21_904_394}
 

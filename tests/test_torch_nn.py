@@ -230,7 +230,8 @@ def test_encoder_block_is_pre_layernorm():
 @pytest.mark.parametrize("kernel,depth,rank,total", [
     ("glu", 1, None, 21_412_874), ("glu", 2, None, 21_806_090), ("aoglu", 3, 16, 21_904_394)])
 def test_the_papers_listops_model_has_the_papers_parameter_count(kernel, depth, rank, total):
-    """PAPER.md §2: hidden 512, 8 heads, 6 layers, MLP 2048; embeddings and classifier added by hand."""
+    """The paper's ListOps encoder (Yorsh & Kovalenko 2022): hidden 512, 8 heads, 6 layers, MLP 2048;
+    embeddings and classifier added by hand."""
     layer = LinearTransformerEncoderLayer(512, 8, 2048, kernel=kernel, depth=depth, rank=rank, seed=0,
                                           device="meta")
     outside = 17 * 512 + 2000 * 512 + 512 + 1024 + (512 * 2048 + 2048) + (2048 * 10 + 10)
