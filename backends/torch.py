@@ -35,7 +35,7 @@ from kernelattn.backends import _torch_fmap as fmaps
 from kernelattn.backends import _torch_ops as ops
 from kernelattn.backends._base import Adapter
 
-_DTYPES = ("torch.float16", "torch.bfloat16", "torch.float32", "torch.float64")
+_DTYPES = ("float16", "bfloat16", "float32", "float64")  # bare names: kernelattn/_dispatch.py strips "torch."
 _HALF = (torch.float16, torch.bfloat16)
 #: "0" keeps CUDA tensors off the Triton kernels (they then take the blocked torch path); "force" sends
 #: every device to them (for tests on CPU under TRITON_INTERPRET=1)

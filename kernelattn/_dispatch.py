@@ -111,7 +111,8 @@ def resolve(op: str, xp, *, device=None, dtype=None, backend: str | None = None,
     if backend is not None and backend not in KNOWN_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {list(KNOWN_BACKENDS)}")
     library = _compat.library_name(xp)
-    key = (op, library, device_type(device), str(dtype), tuple(sorted(static.items())), backend,
+    # adapters see the bare dtype name ("float32"), whatever the library prints ("torch.float32")
+    key = (op, library, device_type(device), str(dtype).rsplit(".", 1)[-1], tuple(sorted(static.items())), backend,
            _fast_paths_disabled())
     _decide(*key)
     return _DECIDED[key]

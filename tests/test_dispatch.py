@@ -3,6 +3,7 @@ import hygiene (``import kernelattn`` imports no framework)."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import pathlib
 import re
@@ -153,3 +154,26 @@ def test_named_backend_runs_reference_methods_on_the_core():
     res = ka.explain_dispatch("softmax_attention", X, backend="numpy", causal=False, masked=False)
     assert res.backend == "agnostic" and "no fast path" in res.reason
     assert Adapter().runs_on_core("linear_attention", method="auto") == "no fast path for linear_attention"
+
+
+def _support_matrix_rows():
+    # the docs extension that renders the support matrix (docs/_ext/support_matrix.py)
+    spec = importlib.util.spec_from_file_location(
+        "support_matrix", pathlib.Path(__file__).resolve().parents[1] / "docs" / "_ext" / "support_matrix.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.rows()
+
+
+def test_support_matrix_agrees_with_explain_dispatch_for_torch_cpu():
+    import torch  # one of the default backends (tests/conftest.py fails a run that lacks it)
+
+    pytest.importorskip("sphinx", reason="the support matrix is a docs extension: pip install -e '.[docs]'")
+    rows = [r for r in _support_matrix_rows() if r[0] == "torch" and r[2] == "cpu"]
+    assert rows, "the support matrix has no torch rows"
+    q = torch.zeros(1, 1, 2, 2)
+    for static, label in (({"causal": False}, "non-causal"), ({"causal": True}, "causal")):
+        res = ka.explain_dispatch("linear_attention", q, method="auto", masked=False, kind="glu", **static)
+        assert res.backend == "torch", res.reason  # the fast path runs for float32 CPU tensors
+        (what,) = [r[3] for r in rows if r[1] == f"linear_attention ({label})"]
+        assert what == "fast path (torch)", what
