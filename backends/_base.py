@@ -26,6 +26,10 @@ class Adapter:
     #: public function then skips its own isolation step
     isolates_inputs = False
 
+    #: feature-map forms (kernelattn/kinds.py, ``Kind.form``) this adapter computes with code of its own;
+    #: a kind with another form, or none, runs its array-API forward here
+    feature_forms: tuple = ()
+
     def supports(self, op: str, *, device_type: str, dtype: str, **static) -> bool | str:
         return self.runs_on_core(op, **static) or True
 

@@ -26,7 +26,8 @@ import math
 
 import numpy as np
 
-_FUSED = ("ffn", "glu", "aoglu", "elu", "relu")
+#: feature-map forms (kernelattn/kinds.py) written here with in-place ufuncs
+FORMS = ("feedforward", "elu", "relu")
 
 
 def linear_attention(lib, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, initial_state,
@@ -71,11 +72,13 @@ class _FeatureBlocks:
         self.lib = lib
         self.kernels = kernels or {}
         self.map = feature_map
-        self.kind = getattr(feature_map, "kind", "callable")
+        # forms (kernelattn/kinds.py) written here with in-place ufuncs; other maps run their own forward
+        form = getattr(feature_map, "form", None)
+        self.form = getattr(self, f"_{form}") if form in FORMS else None
         self.cdt = cdt
         self.blocks = {}
         self.buffers = {}
-        if self.kind in ("ffn", "glu", "aoglu"):
+        if self.form == self._feedforward:
             for role in ("query", "key"):
                 self.blocks[role] = [{name: lib.ascontiguousarray(lib.asarray(a), dtype=cdt)
                                       for name, a in blk.items()}
@@ -90,21 +93,28 @@ class _FeatureBlocks:
 
     def __call__(self, x, role):
         lib = self.lib
-        if self.kind not in _FUSED:
+        if self.form is None:
             from kernelattn._compat import array_namespace
 
             x = lib.asarray(x, dtype=self.cdt)
             return lib.asarray(self.map.apply(x, role=role, xp=array_namespace(x)), dtype=self.cdt)
         if x.dtype != self.cdt:
             x = x.astype(self.cdt)
-        if self.kind in ("elu", "relu"):
-            y = self._buf(role, x.shape)
-            if self.kind == "relu":
-                return lib.maximum(x, 0, out=y)
-            lib.minimum(x, 0, out=y)   # elu(x) + 1 = exp(min(x, 0)) + max(x, 0)
-            lib.exp(y, out=y)
-            y += lib.maximum(x, 0, out=self._buf("tmp", x.shape))
-            return y
+        return self.form(x, role)
+
+    def _relu(self, x, role):
+        return self.lib.maximum(x, 0, out=self._buf(role, x.shape))
+
+    def _elu(self, x, role):
+        lib = self.lib
+        y = self._buf(role, x.shape)
+        lib.minimum(x, 0, out=y)   # elu(x) + 1 = exp(min(x, 0)) + max(x, 0)
+        lib.exp(y, out=y)
+        y += lib.maximum(x, 0, out=self._buf("tmp", x.shape))
+        return y
+
+    def _feedforward(self, x, role):
+        lib = self.lib
         blocks = self.blocks[role]
         last = len(blocks) - 1
         for i, blk in enumerate(blocks):

@@ -18,8 +18,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-#: kinds this module computes itself; other maps (user callables) run as given
-KINDS = ("ffn", "glu", "aoglu", "hedgehog", "elu", "relu", "favor")
 
 
 def softplus(y):
@@ -169,22 +167,41 @@ def apply(phi, x, *, role: str, dropout: float = 0.0, training: bool = False, bl
     -------
     torch.Tensor, shape (B, H, n, m)
     """
-    kind = phi.kind
-    if kind in ("ffn", "glu", "aoglu"):
-        return feedforward(x, phi.blocks(role) if blocks is None else blocks, dropout=dropout, training=training,
-                           inplace=inplace)
-    if dropout and training:
-        x = F.dropout(x, dropout, training=True)
-    if kind == "hedgehog":
-        return hedgehog(x, (phi.blocks(role) if blocks is None else blocks)[0])
-    if kind == "elu":
-        return elu_plus_one(x)
-    if kind == "relu":
-        return torch.relu(x)
-    if kind == "favor":
-        return favor(x, phi.buffers["omega"])
-    # a user callable: it receives and returns (B, H, n, ·) tensors
-    return phi.apply(x, role=role, xp=None)
+    form = FORMS.get(getattr(phi, "form", None))
+    if form is None:  # a user callable, or a kind without a torch form: its own (array-API) forward
+        if dropout and training:
+            x = F.dropout(x, dropout, training=True)
+        xp = None if not hasattr(phi, "definition") else _namespace(x)
+        return phi.apply(x, role=role, xp=xp)
+    blocks = (phi.blocks(role) if hasattr(phi, "blocks") else []) if blocks is None else blocks
+    return form(x, blocks, getattr(phi, "buffers", {}), dropout=dropout, training=training, inplace=inplace)
+
+
+def _namespace(x):
+    from kernelattn._compat import array_namespace
+
+    return array_namespace(x)
+
+
+def _dropped(fn):
+    # forms without blocks of their own: dropout acts on the input
+    def form(x, blocks, buffers, *, dropout, training, inplace):
+        if dropout and training:
+            x = F.dropout(x, dropout, training=True)
+        return fn(x, blocks, buffers)
+
+    return form
+
+
+#: form name (kernelattn/kinds.py) -> the torch version: ``form(x, blocks, buffers, *, dropout, training, inplace)``
+FORMS = {
+    "feedforward": lambda x, blocks, buffers, *, dropout, training, inplace: feedforward(
+        x, blocks, dropout=dropout, training=training, inplace=inplace),
+    "hedgehog": _dropped(lambda x, blocks, buffers: hedgehog(x, blocks[0])),
+    "elu": _dropped(lambda x, blocks, buffers: elu_plus_one(x)),
+    "relu": _dropped(lambda x, blocks, buffers: torch.relu(x)),
+    "favor": _dropped(lambda x, blocks, buffers: favor(x, buffers["omega"])),
+}
 
 
 def expand_blocks(blocks, batch: int, dtype):
@@ -209,6 +226,4 @@ def expand_blocks(blocks, batch: int, dtype):
 
 def feature_dim(phi, d: int):
     """m of ``phi`` applied to width-``d`` inputs, or None when only a call can tell."""
-    if phi.kind in ("elu", "relu"):
-        return d
-    return getattr(phi, "feature_dim", None)
+    return phi.width(d) if hasattr(phi, "width") else None

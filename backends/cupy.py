@@ -41,6 +41,7 @@ def _kernels():
 
 class CuPyAdapter(Adapter):
     name = library = "cupy"
+    feature_forms = _blocked.FORMS
 
     def linear_attention(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method,
                          initial_state, return_state, xp):

@@ -118,11 +118,9 @@ def _delayed_feature_map(feature_map):
 
 
 def _feature_dim(feature_map, d):
-    m = getattr(feature_map, "feature_dim", None)
+    m = feature_map.width(d) if hasattr(feature_map, "width") else getattr(feature_map, "feature_dim", None)
     if m is not None:
         return m
-    if getattr(feature_map, "kind", None) in ("elu", "relu"):
-        return d
     probe = np.zeros((1, 1, 1, d), np.float32)
     return feature_map.apply(probe, role="key", xp=_np()).shape[-1]
 

@@ -25,6 +25,7 @@ BLOCK = 512
 
 class NumPyAdapter(Adapter):
     name = library = "numpy"
+    feature_forms = _blocked.FORMS
 
     def linear_attention(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method,
                          initial_state, return_state, xp):

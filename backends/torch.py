@@ -71,6 +71,7 @@ class TorchAdapter(Adapter):
 
     name = "torch"
     library = "torch"
+    feature_forms = tuple(fmaps.FORMS)
 
     def supports(self, op: str, *, device_type: str, dtype: str, **static) -> bool | str:
         answer = super().supports(op, device_type=device_type, dtype=dtype, **static)
@@ -92,7 +93,7 @@ class TorchAdapter(Adapter):
         if initial_state is not None:
             S0, z0 = initial_state
             state = torch.cat([S0.to(cdt), z0.to(cdt).unsqueeze(-1)], dim=-1)
-        known = phi.kind in fmaps.KINDS
+        known = getattr(phi, "form", None) in fmaps.FORMS  # a kind with a torch form (kernelattn/kinds.py)
         grad = _needs_grad(phi, (q, k, v, state))
         triton = _triton_ready(q.device)
         if known and not grad and not triton and not torch.compiler.is_compiling() and q.device.type == "cpu":
@@ -129,8 +130,7 @@ class TorchAdapter(Adapter):
 
         def fmap(x, role):
             if role not in expanded:
-                expanded[role] = fmaps.expand_blocks(phi.blocks(role), B, cdt) if phi.kind in (
-                    "ffn", "glu", "aoglu", "hedgehog") else None
+                expanded[role] = fmaps.expand_blocks(phi.blocks(role), B, cdt)
             return fmaps.apply(phi, x, role=role, blocks=expanded[role], inplace=True)
 
         m = fmaps.feature_dim(phi, q.shape[-1])

@@ -28,6 +28,8 @@ from .feature_maps import (
     num_params,
     orthogonality_penalty,
 )
+from .kinds import Param, register_feature_map, unregister_feature_map
+from . import kinds
 from .grad import DistillationGrads, LinearAttentionGrads, feature_map_vjp, linear_attention_vjp, value_and_grad
 from .decoding import LinearAttentionDecoder, decode_step
 from .fit import ApproximationError, FitHistory, approximation_error, fit_feature_map
@@ -80,6 +82,7 @@ __all__ = sorted([
     "LinearAttentionDecoder",
     "LinearAttentionGrads",
     "LinearAttentionState",
+    "Param",
     "Resolution",
     "approximation_error",
     "data",
@@ -94,9 +97,12 @@ __all__ = sorted([
     "linear_attention_weights",
     "losses",
     "num_params",
+    "kinds",
     "optim",
     "orthogonality_penalty",
+    "register_feature_map",
     "softmax_attention",
     "softmax_attention_weights",
+    "unregister_feature_map",
     "value_and_grad",
 ])

@@ -300,10 +300,7 @@ def feature_size(phi, q):
     """m, the width phi gives, when it is known without running phi (None for callables)."""
     if phi is None:
         return None
-    m = getattr(phi, "feature_dim", None)
-    if m is None and getattr(phi, "kind", "callable") in ("elu", "relu"):
-        return q.shape[-1]  # shape-free maps keep the width
-    return m
+    return phi.width(q.shape[-1]) if hasattr(phi, "width") else getattr(phi, "feature_dim", None)
 
 
 def check_state(state, q, *, B, H, e, m=None, name="state"):

@@ -19,7 +19,6 @@ from .feature_maps import as_feature_map
 
 __all__ = ["LinearAttentionDecoder", "decode_step"]
 
-_FFN_KINDS = ("ffn", "glu", "aoglu")
 
 
 def _features(phi, q, k, *, xp):
@@ -273,7 +272,8 @@ class LinearAttentionDecoder:
         self._vbuf_masked = False
         phi = self.phi
         self._blocks = None
-        if getattr(phi, "kind", None) in _FFN_KINDS and phi.tied:
+        # forms of kernelattn/kinds.py written out below for one token
+        if getattr(phi, "form", None) == "feedforward" and phi.tied:
             self._blocks = phi.blocks("query")
         self._params = tuple(phi.parameters()) if hasattr(phi, "parameters") else ()
         self._step = self._step_torch
@@ -282,7 +282,7 @@ class LinearAttentionDecoder:
         # x (B, H, n, d) in the compute dtype -> (B, H, n, m)
         phi, F = self.phi, self._F
         if self._blocks is None:
-            if getattr(phi, "kind", None) == "elu":
+            if getattr(phi, "form", None) == "elu":
                 return F.elu(x) + 1.0
             return phi.apply(x, role="query", xp=self.xp)
         mm = self._torch.matmul
@@ -315,7 +315,7 @@ class LinearAttentionDecoder:
         cdt = Sz.dtype
         if q.dtype != cdt:
             q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
-        if self._blocks is not None or getattr(self.phi, "kind", None) == "elu":
+        if self._blocks is not None or getattr(self.phi, "form", None) == "elu":
             f = self._phi_torch(torch.stack((q, k), dim=2))
             fq, fk = f[:, :, 0, :], f[:, :, 1, :]
         else:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, replace as _dc_replace
 
 import numpy as np
 
-from . import _compat, _convert, _tree, _validation
+from . import _compat, _convert, _tree, _validation, kinds as _kinds
 from ._agnostic import feature_maps as _core
 from ._agnostic._utils import cast, compute_dtype
 
@@ -27,19 +28,53 @@ __all__ = [
     "orthogonality_penalty",
 ]
 
-#: Feature-map kinds and what they are.
-KINDS = {
-    "ffn": "Softplus(x W): the paper's feedforward kernel",
-    "glu": "f(x W) * sigmoid(x G): the paper's gated linear unit (OGLU)",
-    "aoglu": "f(x W) * sigmoid((x A) B): GLU with a rank-r gate",
-    "hedgehog": "[softmax(x W), softmax(-x W)]: Hedgehog (Zhang et al. 2024)",
-    "elu": "elu(x) + 1: the Linear Transformer's map (Katharopoulos et al. 2020)",
-    "relu": "max(x, 0)",
-    "favor": "Performer's positive orthogonal random features (FAVOR+)",
-}
-_STACKABLE = ("ffn", "glu", "aoglu")
-_NEEDS_SHAPE = ("ffn", "glu", "aoglu", "hedgehog", "favor")
+class _KindNames(Mapping):
+    """Kind name -> description, read live from the registry (kernelattn/kinds.py)."""
+
+    def __getitem__(self, name):
+        kind = _kinds.get(name)
+        if kind is None:
+            raise KeyError(name)
+        return kind.description
+
+    def __iter__(self):
+        return iter(_kinds.names())
+
+    def __len__(self):
+        return len(_kinds.names())
+
+    def __repr__(self):
+        return repr(dict(self))
+
+
+#: Feature-map kinds and what they are (built-in ones and those added by
+#: :func:`kernelattn.register_feature_map`).
+KINDS = _KindNames()
 _ROLES = ("query", "key")
+
+
+def _kind(name) -> "_kinds.Kind":
+    kind = _kinds.get(name)
+    if kind is None:
+        raise ValueError(f"feature-map kind {name!r} is not registered; known: {sorted(KINDS)}")
+    return kind
+
+
+def describe(spec) -> list[str]:
+    """The ``key=value`` parts that show a spec (FeatureMap reprs, the torch module's extra_repr)."""
+    kind = _kinds.get(spec.kind)
+    parts = []
+    if spec.num_heads is not None:
+        parts += [f"num_heads={spec.num_heads}", f"head_dim={spec.head_dim}", f"feature_dim={spec.feature_dim}"]
+    if kind is not None and kind.stackable:
+        parts.append(f"depth={spec.depth}")
+    if kind is not None and "rank" in kind.options:
+        parts.append(f"rank={spec.rank}")
+    if spec.bias:
+        parts.append("bias=True")
+    if not spec.tied:
+        parts.append("tied=False")
+    return parts
 
 
 @dataclass(frozen=True)
@@ -117,10 +152,32 @@ class FeatureMap:
         """The main weights ``W`` of every block (those the orthogonality penalty sees)."""
         return [block["W"] for role in sorted(self.params) for block in self.params[role]]
 
+    @property
+    def definition(self) -> "_kinds.Kind":
+        """The :class:`kernelattn.kinds.Kind` record of this map's kind."""
+        return _kind(self.spec.kind)
+
+    @property
+    def form(self) -> str | None:
+        """The hand-written form adapters may run for this kind (None: its array-API forward)."""
+        return self.definition.form
+
+    def width(self, d: int) -> int:
+        """m, the number of features for inputs of width ``d``."""
+        return self.spec.feature_dim if self.spec.feature_dim is not None else self.definition.feature_dim(d)
+
     # -- applying -------------------------------------------------------------
     def apply(self, x, *, role: str, xp):
         """Core entry: ``x`` (B, H, N, d) already in the compute dtype; no checks."""
-        return _core.apply(x, kind=self.kind, blocks=self.blocks(role), buffers=self.buffers, xp=xp)
+        return self.definition.forward(x, self.blocks(role), self.buffers, xp=xp)
+
+    def vjp(self, x, *, role: str, xp):
+        """Core entry of the hand gradient: ``(phi(x), back)``, ``back(gy) -> (gx, gblocks)``; no checks."""
+        kind = self.definition
+        if kind.vjp is None:
+            raise ValueError(f"feature-map kind {kind.name!r} has no hand-derived gradient (register it with "
+                             f"vjp=...); use torch autograd or jax.grad for it")
+        return kind.vjp(x, self.blocks(role), self.buffers, xp=xp)
 
     def __call__(self, x, /):
         """Apply the (query) map to ``x`` of shape (B, H, N, d); returns (B, H, N, m) in x's dtype."""
@@ -204,18 +261,7 @@ class FeatureMap:
         return FeatureMap(self.spec, _tree.tree_map(move, self.params), _tree.tree_map(move, self.buffers))
 
     def __repr__(self):
-        s = self.spec
-        parts = [f"kind={s.kind!r}"]
-        if s.num_heads is not None:
-            parts += [f"num_heads={s.num_heads}", f"head_dim={s.head_dim}", f"feature_dim={s.feature_dim}"]
-        if s.kind in _STACKABLE:
-            parts.append(f"depth={s.depth}")
-        if s.kind == "aoglu":
-            parts.append(f"rank={s.rank}")
-        if s.bias:
-            parts.append("bias=True")
-        if not s.tied:
-            parts.append("tied=False")
+        parts = [f"kind={self.spec.kind!r}", *describe(self.spec)]
         arrays = _tree.leaves(self.params) + _tree.leaves(self.buffers)
         if arrays:
             a = arrays[0]
@@ -257,7 +303,14 @@ class CallableFeatureMap:
 
     __slots__ = ("query_fn", "key_fn", "_widths")
     kind = "callable"
+    form = None
     num_heads = head_dim = feature_dim = None
+
+    def width(self, d):
+        return None  # only a call can tell
+
+    def vjp(self, x, *, role, xp):
+        raise ValueError("no hand-derived gradient for a callable feature map; use torch autograd or jax.grad")
 
     def __init__(self, query_fn, key_fn=None):
         self.query_fn = query_fn
@@ -286,9 +339,10 @@ def as_feature_map(feature_map):
     if isinstance(feature_map, (FeatureMap, CallableFeatureMap)):
         return feature_map
     if isinstance(feature_map, str):
-        if feature_map in ("elu", "relu"):
-            return _SHAPE_FREE[feature_map]
-        if feature_map in KINDS:
+        kind = _kinds.get(feature_map)
+        if kind is not None and not kind.needs_shape:
+            return FeatureMap(FeatureMapSpec(feature_map))
+        if kind is not None:
             raise ValueError(f"feature_map={feature_map!r} has parameters; build it first with "
                              f"ka.feature_map({feature_map!r}, num_heads=H, head_dim=d, seed=...)")
         raise ValueError(f"unknown feature map {feature_map!r}; expected one of {sorted(KINDS)}, "
@@ -369,28 +423,36 @@ def _favor_projection(rng, heads, d, m):
     return out
 
 
-def _init_blocks(rng, spec: FeatureMapSpec) -> list:
-    H, d, m = spec.num_heads, spec.head_dim, spec.feature_dim
-    if spec.kind == "hedgehog":
-        block = {"W": np.broadcast_to(np.eye(d, m // 2), (H, d, m // 2)).copy()}
-        if spec.bias:
-            block["b"] = np.zeros((H, m // 2))
-        return [block]
-    blocks = []
-    for i in range(spec.depth):
-        d_in = d if i == 0 else m
-        block = {"W": _orthogonal(rng, H, d_in, m)}
-        if spec.kind == "glu":
-            block["G"] = _he_normal(rng, (H, d_in, m), d_in)
-        elif spec.kind == "aoglu":
-            block["A"] = _he_normal(rng, (H, d_in, spec.rank), d_in)
-            block["B"] = _he_normal(rng, (H, spec.rank, m), spec.rank)
-        if spec.bias:
-            block["b"] = np.zeros((H, m))
-            if spec.kind != "ffn":
-                block["c"] = np.zeros((H, m))
-        blocks.append(block)
-    return blocks
+def draw(rng, param: "_kinds.Param") -> np.ndarray:
+    """A NumPy value for ``param`` by its rule (kernelattn/kinds.py lists them); float64."""
+    shape, rule = tuple(param.shape), param.init
+    if rule == "orthogonal":
+        return _orthogonal(rng, *shape)
+    if rule == "he_normal":
+        return _he_normal(rng, shape, shape[-2])
+    if rule == "zeros":
+        return np.zeros(shape)
+    if rule == "eye":
+        return np.broadcast_to(np.eye(shape[-2], shape[-1]), shape).copy()
+    if rule == "favor":
+        return _favor_projection(rng, *shape)
+    raise ValueError(f"unknown initialisation rule {rule!r}; expected one of {list(_kinds.INIT_RULES)}")
+
+
+def layout(spec: FeatureMapSpec):
+    """``(params, buffers)`` of a spec as :class:`kernelattn.kinds.Param` trees (shapes and rules).
+
+    ``params`` is ``{"shared": [...]}`` or ``{"query": [...], "key": [...]}`` (empty for fixed maps).
+    """
+    kind = _kind(spec.kind)
+    params = {}
+    if kind.params is not None:
+        def blocks():
+            return [{name: _kinds.Param(*p) for name, p in block.items()} for block in kind.params(spec)]
+
+        params = {"shared": blocks()} if spec.tied else {"query": blocks(), "key": blocks()}
+    buffers = {} if kind.buffers is None else {name: _kinds.Param(*p) for name, p in kind.buffers(spec).items()}
+    return params, buffers
 
 
 def feature_map(
@@ -413,10 +475,11 @@ def feature_map(
 
     Parameters
     ----------
-    kind : {"ffn", "glu", "aoglu", "hedgehog", "elu", "relu", "favor"}
+    kind : {"ffn", "glu", "aoglu", "hedgehog", "elu", "relu", "favor"} or a registered name
         The map (see :data:`KINDS`). ``ffn``, ``glu`` and ``aoglu`` are the
         paper's trainable kernels; ``hedgehog`` is trainable too; ``elu``,
-        ``relu`` and ``favor`` are fixed.
+        ``relu`` and ``favor`` are fixed. :func:`kernelattn.register_feature_map`
+        adds kinds.
     num_heads, head_dim : int
         H and d. Required except for ``"elu"`` and ``"relu"``.
     feature_dim : int, optional
@@ -458,37 +521,38 @@ def feature_map(
     num_heads, head_dim, feature_dim, rank = (_validation.optional_integer(name, value) for name, value in (
         ("num_heads", num_heads), ("head_dim", head_dim), ("feature_dim", feature_dim), ("rank", rank)))
     rng = _rng(seed)  # before any work: a bad seed is an argument error like the others
-    if depth != 1 and kind not in _STACKABLE:
-        raise ValueError(f"depth applies to {_STACKABLE}; {kind!r} has one block, got depth={depth}")
-    if kind in _NEEDS_SHAPE:
+    info = _kind(kind)
+    if depth != 1 and not info.stackable:
+        stackable = ", ".join(repr(k) for k in KINDS if _kinds.get(k).stackable)
+        raise ValueError(f"depth applies to stackable kinds ({stackable}); {kind!r} has one block, got depth={depth}")
+    if info.needs_shape:
         if num_heads is None or head_dim is None:
             raise ValueError(f"feature map {kind!r} needs num_heads and head_dim")
-    if kind in ("elu", "relu") and feature_dim is not None and feature_dim != head_dim:
-        raise ValueError(f"{kind!r} keeps the width (m = d); got feature_dim={feature_dim}")
+    elif feature_dim is not None and head_dim is not None and feature_dim != info.feature_dim(head_dim):
+        raise ValueError(f"{kind!r} has no weights, so its width is fixed (m = {info.feature_dim(head_dim)} for "
+                         f"d = {head_dim}); got feature_dim={feature_dim}")
+    elif feature_dim is not None and head_dim is None:
+        raise ValueError(f"{kind!r} has no weights, so its width is fixed by d; got feature_dim={feature_dim}")
     if feature_dim is None and head_dim is not None:
-        feature_dim = 2 * head_dim if kind == "hedgehog" else head_dim
-    if kind == "hedgehog" and feature_dim % 2:
-        raise ValueError(f"hedgehog's feature_dim must be even ([softmax(y), softmax(-y)]); got {feature_dim}")
-    if kind == "aoglu":
-        rank = max(1, head_dim // 4) if rank is None else rank
-    elif rank is not None:
-        raise ValueError(f"rank applies to 'aoglu' only; got rank={rank} for {kind!r}")
-    if kind not in ("ffn", "glu", "aoglu", "hedgehog"):
+        feature_dim = info.feature_dim(head_dim)
+    if rank is not None and "rank" not in info.options:
+        takers = ", ".join(repr(k) for k in KINDS if "rank" in _kinds.get(k).options)
+        raise ValueError(f"rank applies to {takers} only; got rank={rank} for {kind!r}")
+    if not info.trainable:
         if bias:
             raise ValueError(f"{kind!r} has no weights, so no bias")
         if not tied:
             raise ValueError(f"{kind!r} is a fixed map; tied=False applies to trainable kernels")
     spec = FeatureMapSpec(kind, num_heads, head_dim, feature_dim, depth, rank, bool(bias), bool(tied))
+    if info.check is not None:
+        spec = info.check(spec)
 
     xp, device, dtype = _placement(like, xp, device, dtype)
-    params, buffers = {}, {}
-    if kind in ("ffn", "glu", "aoglu", "hedgehog"):
-        if tied:
-            params = {"shared": _init_blocks(rng, spec)}
-        else:
-            params = {"query": _init_blocks(rng, spec), "key": _init_blocks(rng, spec)}
-    elif kind == "favor":
-        buffers = {"omega": _favor_projection(rng, num_heads, head_dim, feature_dim)}
+    param_layout, buffer_layout = layout(spec) if info.needs_shape else ({}, {})
+    # drawn in order (query blocks, then key blocks, then buffers), so a seed gives one map everywhere
+    params = {role: [{name: draw(rng, p) for name, p in block.items()} for block in blocks]
+              for role, blocks in param_layout.items()}
+    buffers = {name: draw(rng, p) for name, p in buffer_layout.items()}
 
     def put(a):
         return _convert.from_numpy(a, xp=xp, device=device, dtype=dtype)
@@ -567,5 +631,3 @@ def _register_pytrees() -> None:
     _PYTREES_REGISTERED = True
     jax.tree_util.register_pytree_node(FeatureMap, flatten, unflatten)
 
-
-_SHAPE_FREE = {k: FeatureMap(FeatureMapSpec(k)) for k in ("elu", "relu")}

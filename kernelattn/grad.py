@@ -139,8 +139,7 @@ def feature_map_vjp(phi, x, /, *, role: str = "query"):
     phi.check_compatible(x, name="x")
     dtype = x.dtype
     cdt = compute_dtype(dtype, xp=xp)
-    y, inner = _core.feature_map_vjp(cast(x, cdt, xp=xp), kind=phi.kind, blocks=phi.blocks(role),
-                                     buffers=phi.buffers, xp=xp)
+    y, inner = phi.vjp(cast(x, cdt, xp=xp), role=role, xp=xp)
 
     def vjp(gy):
         _validation.namespace_of(x=x, gy=_validation.array("gy", gy))

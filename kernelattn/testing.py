@@ -39,68 +39,18 @@ def _ns(xp):
     return _compat.numpy_namespace() if xp is None else xp
 
 
-def _softplus(x, xp=None):
-    return _ns(xp).logaddexp(x * 0.0, x)
-
-
-def _sigmoid(x, xp=None):
-    return 0.5 * (1.0 + _ns(xp).tanh(0.5 * x))
-
-
-def _ref_blocks(x, blocks, leaf, xp=None):
-    """x (B, H, N, d) float64 through stacked ffn/glu/aoglu blocks (W (H, d, m) broadcasts over B)."""
-    xp = _ns(xp)
-    last = len(blocks) - 1
-    for i, blk in enumerate(blocks):
-        y = xp.matmul(x, leaf(blk["W"]))
-        if "b" in blk:
-            y = y + leaf(blk["b"])[:, None, :]
-        if i == last:
-            y = _softplus(y, xp)
-        if "G" in blk:
-            g = xp.matmul(x, leaf(blk["G"]))
-        elif "A" in blk:
-            g = xp.matmul(xp.matmul(x, leaf(blk["A"])), leaf(blk["B"]))
-        else:
-            g = None
-        if g is not None:
-            if "c" in blk:
-                g = g + leaf(blk["c"])[:, None, :]
-            y = y * _sigmoid(g, xp)
-        x = y
-    return x
-
-
 def _ref_phi(phi, x, role, leaf, xp=None):
-    """phi(x) by the formulas of each kind, written apart from the core (x float64, (B, H, N, d))."""
+    """phi(x) by its kind's float64 definition (kernelattn/kinds.py; x float64, (B, H, N, d)).
+
+    The built-in kinds' definitions are written apart from the forwards the
+    library runs; ``leaf`` brings each parameter to float64 in ``xp``.
+    """
     xp = _ns(xp)
     if not isinstance(phi, FeatureMap):
         return phi.apply(x, role=role, xp=xp)
-    kind = phi.kind
-    if kind in ("ffn", "glu", "aoglu"):
-        return _ref_blocks(x, phi.blocks(role), leaf, xp)
-    if kind == "hedgehog":
-        blk = phi.blocks(role)[0]
-        y = xp.matmul(x, leaf(blk["W"]))
-        if "b" in blk:
-            y = y + leaf(blk["b"])[:, None, :]
-
-        def sm(t):
-            t = xp.exp(t - xp.max(t, axis=-1, keepdims=True))
-            return t / xp.sum(t, axis=-1, keepdims=True)
-
-        return xp.concat([sm(y), sm(-y)], axis=-1)
-    if kind == "elu":
-        return xp.where(x > 0, x + 1.0, xp.exp(xp.where(x > 0, 0.0 * x, x)))
-    if kind == "relu":
-        return xp.where(x > 0, x, 0.0 * x)
-    if kind == "favor":
-        omega = leaf(phi.buffers["omega"])
-        d, m = x.shape[-1], omega.shape[-1]
-        xs = x / d**0.25
-        logits = xp.matmul(xs, omega) - 0.5 * xp.sum(xs**2, axis=-1, keepdims=True)
-        return xp.exp(logits) / math.sqrt(m)
-    raise ValueError(f"no reference for kind {kind!r}")
+    blocks = [{name: leaf(a) for name, a in blk.items() if a is not None} for blk in phi.blocks(role)]
+    buffers = {name: leaf(a) for name, a in phi.buffers.items()}
+    return phi.definition.define(x, blocks, buffers, xp=xp)
 
 
 def reference_feature_map(phi, x, *, role: str = "query") -> np.ndarray:

@@ -47,6 +47,45 @@ def rows():
     return out
 
 
+def kind_rows():
+    """(kind, trainable, hand gradient, what computes phi per library) for every registered kind."""
+    from kernelattn import kinds
+
+    adapters = {}
+    for library in _dispatch.REGISTRY:
+        try:
+            adapters[library] = _dispatch.load_adapter(library)
+        except ImportError:
+            adapters[library] = None
+    out = []
+    for name in kinds.names():
+        kind = kinds.get(name)
+        cells = []
+        for library, adapter in adapters.items():
+            if adapter is None:
+                cells.append(f"{library}: –")
+            elif kind.form is not None and kind.form in adapter.feature_forms:
+                cells.append(f"{library}: own form ({kind.form})")
+            else:
+                cells.append(f"{library}: array-API forward")
+        out.append((name, "yes" if kind.trainable else "no", "yes" if kind.vjp is not None else "no (autodiff only)",
+                    "; ".join(cells)))
+    return out
+
+
+class FeatureMapMatrix(SphinxDirective):
+    has_content = False
+
+    def run(self):
+        lines = [".. list-table::", "   :header-rows: 1", "   :widths: 12 10 16 62", "",
+                 "   * - kind", "     - trainable", "     - hand gradient", "     - what computes phi"]
+        for name, trainable, vjp, what in kind_rows():
+            lines += [f"   * - ``{name}``", f"     - {trainable}", f"     - {vjp}", f"     - {what}"]
+        node = nodes.section()
+        self.state.nested_parse(StringList(lines), self.content_offset, node)
+        return node.children
+
+
 class SupportMatrix(SphinxDirective):
     has_content = False
 
@@ -63,4 +102,5 @@ class SupportMatrix(SphinxDirective):
 
 def setup(app):
     app.add_directive("support-matrix", SupportMatrix)
+    app.add_directive("feature-map-matrix", FeatureMapMatrix)
     return {"parallel_read_safe": True}

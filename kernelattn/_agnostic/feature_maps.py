@@ -10,7 +10,8 @@ Trainable blocks (Yorsh & Kovalenko 2022), each with per-head weights of shape
 ``f`` is Softplus on the last block of a stack and the identity on inner
 blocks, so the output is positive. Also here: the fixed maps ``elu`` (elu+1),
 ``relu``, ``favor`` (Performer's positive random features) and the trainable
-``hedgehog`` map (Zhang et al. 2024).
+``hedgehog`` map (Zhang et al. 2024). Which function a kind runs is recorded
+in :mod:`kernelattn.kinds`.
 
 A block is a dict of arrays (``W``, ``G``, ``A``, ``B``, ``b``, ``c``); the
 inputs are already in the compute dtype (see :func:`apply`).
@@ -21,7 +22,7 @@ from __future__ import annotations
 import math
 
 from .._compat import device as _device_of
-from ._utils import cast, elu_plus_one, sigmoid, softmax_last, softplus
+from ._utils import cast, elu_plus_one, sigmoid, softmax_last, softplus  # noqa: F401 (elu_plus_one: re-export)
 
 
 def _linear(x, W, b, *, xp):
@@ -94,25 +95,6 @@ def favor(x, omega, *, xp):
     proj = xp.matmul(xs, cast(omega, x.dtype, xp=xp))
     sq = xp.sum(xs * xs, axis=-1, keepdims=True) * 0.5
     return xp.exp(proj - sq) * (1.0 / math.sqrt(m))
-
-
-def apply(x, *, kind, blocks, buffers, xp):
-    """Apply the feature map ``kind`` to ``x`` (B, H, N, d) in its own dtype.
-
-    ``blocks`` holds the trainable blocks of the role (query or key) being
-    mapped; ``buffers`` the fixed arrays (FAVOR+'s projection).
-    """
-    if kind in ("ffn", "glu", "aoglu"):
-        return feedforward(x, blocks, xp=xp)
-    if kind == "hedgehog":
-        return hedgehog(x, blocks[0]["W"], blocks[0].get("b"), xp=xp)
-    if kind == "elu":
-        return elu_plus_one(x, xp=xp)
-    if kind == "relu":
-        return xp.maximum(x, xp.zeros_like(x))
-    if kind == "favor":
-        return favor(x, buffers["omega"], xp=xp)
-    raise ValueError(f"unknown feature-map kind {kind!r}")
 
 
 def orthogonality_penalty(weights, *, xp):

@@ -55,7 +55,7 @@ def _add_trees(a, b):
 # feature maps
 
 
-def _feedforward_vjp(x, blocks, *, xp):
+def feedforward_vjp(x, blocks, *, xp):
     """Stack of ffn / glu / aoglu blocks (see :func:`feature_maps.feedforward`)."""
     last = len(blocks) - 1
     saved = []
@@ -115,7 +115,7 @@ def _feedforward_vjp(x, blocks, *, xp):
     return x, vjp
 
 
-def _hedgehog_vjp(x, block, *, xp):
+def hedgehog_vjp(x, block, *, xp):
     """``[softmax(x W + b), softmax(-(x W + b))]``."""
     W = cast(block["W"], x.dtype, xp=xp)
     y = xp.matmul(x, W)
@@ -137,7 +137,7 @@ def _hedgehog_vjp(x, block, *, xp):
     return xp.concat([p1, p2], axis=-1), vjp
 
 
-def _favor_vjp(x, omega, *, xp):
+def favor_vjp(x, omega, *, xp):
     """FAVOR+ features; ``omega`` is a fixed buffer, so only the input gets a gradient."""
     d = x.shape[-1]
     m = omega.shape[-1]
@@ -154,41 +154,16 @@ def _favor_vjp(x, omega, *, xp):
     return y, vjp
 
 
-def feature_map_vjp(x, *, kind, blocks, buffers, xp):
-    """phi(x) and its VJP, for every kind of :func:`feature_maps.apply`.
+def elu_vjp(x, *, xp):
+    """``elu(x) + 1``: the gradient is 1 above zero and the output itself below."""
+    y = _fm.elu_plus_one(x, xp=xp)
+    return y, lambda gy: (xp.where(x > 0, gy, gy * y), [])
 
-    Parameters
-    ----------
-    x : array, shape (B, H, N, d)
-        Inputs in the compute dtype.
-    kind : str
-        ``ffn``, ``glu``, ``aoglu``, ``hedgehog``, ``elu``, ``relu`` or ``favor``.
-    blocks : list of dict
-        The trainable blocks of the role being mapped (empty for fixed maps).
-    buffers : dict
-        Fixed arrays (``omega`` (H, d, m) for favor).
-    xp : namespace
 
-    Returns
-    -------
-    y : array, shape (B, H, N, m)
-    vjp : callable
-        ``vjp(gy)`` with ``gy`` (B, H, N, m) returns ``(gx, gblocks)``: gx
-        (B, H, N, d) and a list of gradient dicts shaped like ``blocks``.
-    """
-    if kind in ("ffn", "glu", "aoglu"):
-        return _feedforward_vjp(x, blocks, xp=xp)
-    if kind == "hedgehog":
-        return _hedgehog_vjp(x, blocks[0], xp=xp)
-    if kind == "favor":
-        return _favor_vjp(x, buffers["omega"], xp=xp)
-    if kind == "elu":
-        y = _fm.apply(x, kind="elu", blocks=blocks, buffers=buffers, xp=xp)
-        return y, lambda gy: (xp.where(x > 0, gy, gy * y), [])
-    if kind == "relu":
-        y = xp.maximum(x, xp.zeros_like(x))
-        return y, lambda gy: (xp.where(x > 0, gy, xp.zeros_like(gy)), [])
-    raise ValueError(f"no hand-derived gradient for feature-map kind {kind!r}")
+def relu_vjp(x, *, xp):
+    """``max(x, 0)``."""
+    y = xp.maximum(x, xp.zeros_like(x))
+    return y, lambda gy: (xp.where(x > 0, gy, xp.zeros_like(gy)), [])
 
 
 def orthogonality_penalty_vjp(weights, *, xp):
@@ -437,8 +412,8 @@ def linear_attention_vjp(q, k, v, *, feature_map, causal=False, key_mask=None, e
 
 
 def _phi_vjp(feature_map, x, role, *, xp):
-    return feature_map_vjp(x, kind=feature_map.kind, blocks=feature_map.blocks(role),
-                           buffers=feature_map.buffers, xp=xp)
+    # the map's kind holds its hand VJP (kernelattn/kinds.py)
+    return feature_map.vjp(x, role=role, xp=xp)
 
 
 # ---------------------------------------------------------------------------

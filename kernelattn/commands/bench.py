@@ -162,8 +162,7 @@ def run(args) -> int:
         for n in sizes:
             q, k, v = default_inputs(n, num_heads=H, head_dim=d, seed=1)
             Q, K, V = (lib.to(a) for a in (q, k, v))
-            phi = feature_map(args.kernel, num_heads=H, head_dim=d, seed=0, like=Q) \
-                if args.kernel not in ("elu", "relu") else args.kernel
+            phi = feature_map(args.kernel, num_heads=H, head_dim=d, seed=0, like=Q)
             W = lib.to(np.ascontiguousarray(np.random.default_rng(0).standard_normal((H, d, d)), dtype=np.float32))
             t = lambda f: median_time(f, repeats=args.repeats, budget=args.budget)  # noqa: E731
             times["floor"].append(t(lambda: lib.floor(Q, K, V, W)))

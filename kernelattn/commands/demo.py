@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, kinds
 from .._timing import crossover_text, median_time
 from .._tree import tree_map
 from ..attention import linear_attention, linear_attention_weights, softmax_attention, softmax_attention_weights
@@ -56,6 +56,35 @@ TRAINABLE = {
 FIXED = {"elu+1": "elu", "relu": "relu", "favor+": "favor"}
 #: kernels timed against softmax (the figure's reference map and two fitted ones).
 TIMED = ("elu+1", "glu", "aoglu x3", "hedgehog")
+
+
+def _kinds(text: str):
+    """``--kinds``: 'all', or comma-separated table labels or registered kind names -> (trainable, fixed).
+
+    A kind name that is no label of the tables (``aoglu``, or one added with
+    ``ka.register_feature_map``) gets a row of its own, with default options.
+    """
+    if text.strip() == "all":
+        return dict(TRAINABLE), dict(FIXED)
+    by_kind = {kind: lab for lab, kind in FIXED.items()}
+    by_kind.update({kind: lab for lab, (kind, opts) in TRAINABLE.items() if not opts})
+    trainable, fixed = {}, {}
+    for token in (t.strip() for t in text.split(",")):
+        label = by_kind.get(token, token)
+        if label in TRAINABLE:
+            trainable[label] = TRAINABLE[label]
+        elif label in FIXED:
+            fixed[label] = FIXED[label]
+        elif kinds.get(token) is not None:
+            if kinds.get(token).trainable:
+                trainable[token] = (token, {})
+            else:
+                fixed[token] = token
+        else:
+            raise argparse.ArgumentTypeError(
+                f"expected 'all' or comma-separated kernels from {list(TRAINABLE) + list(FIXED)} or kinds "
+                f"{kinds.names()}; got {token!r}")
+    return trainable, fixed
 DEFAULT_OUT = os.path.join("kernelattn_out", "demo.png")
 #: plain-text --help (the module docstring above is reStructuredText, for the docs).
 DESCRIPTION = """\
@@ -145,9 +174,11 @@ def _tile(a, n):
     return np.concatenate([seq] * reps, axis=1)[None, :, :n, :]
 
 
-def _verdict(rows):
-    trained = {lab: r for lab, r in rows.items() if lab in TRAINABLE}
-    fixed = {lab: r for lab, r in rows.items() if lab in FIXED}
+def _verdict(rows, trainable, fixed):
+    trained = {lab: r for lab, r in rows.items() if lab in trainable}
+    fixed = {lab: r for lab, r in rows.items() if lab in fixed}
+    if not trained or not fixed:
+        return "(no trainable kernel or no fixed map chosen with --kinds: nothing to compare)"
     best_fixed_out = min(r[1] for r in fixed.values())
     best_fixed_kl = min(r[2] for r in fixed.values())
     losers = [lab for lab, r in trained.items() if not (r[1] < best_fixed_out and r[2] < best_fixed_kl)]
@@ -168,14 +199,14 @@ def _figure(path, sample, head, maps, histories, fixed_rows, best_label, to_arra
         return None
     q, k = (to_array(a[-1:, head:head + 1]) for a in (sample.q, sample.k))
     panels = [("softmax (exact)", to_numpy(softmax_attention_weights(q, k))[0, 0])]
-    for label in (best_label, "elu+1"):
-        phi = maps[label]
+    for label in ([] if best_label is None else [best_label]) + ["elu+1"]:
+        phi = maps.get(label, "elu")
         if not isinstance(phi, str):
             phi = _one_head(phi, head)
-        panels.append((f"{label} ({'fitted' if label in TRAINABLE else 'fixed'})",
+        panels.append((f"{label} ({'fitted' if label in histories else 'fixed'})",
                        to_numpy(linear_attention_weights(q, k, feature_map=phi))[0, 0]))
     fig = Figure(figsize=(13, 8.2), layout="constrained")
-    grid = fig.add_gridspec(2, 3, height_ratios=[1.0, 0.8])
+    grid = fig.add_gridspec(2, len(panels), height_ratios=[1.0, 0.8])
     norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=float(max(w.max() for _, w in panels)))  # small weights visible
     for i, (title, w) in enumerate(panels):
         ax = fig.add_subplot(grid[0, i])
@@ -237,9 +268,10 @@ def run(args) -> int:
 
     tq, tk, tv = (to_array(a) for a in (train.q, train.k, train.v))
     eq, ek, ev = (to_array(a) for a in (test.q, test.k, test.v))
+    trainable, fixed = args.kinds
     rows, maps, histories = {}, {}, {}
     with _one_thread(lib):
-        for label, (kind, opts) in TRAINABLE.items():
+        for label, (kind, opts) in trainable.items():
             phi0 = feature_map(kind, num_heads=H, head_dim=d, seed=args.seed, like=tq, **opts)
             phi, hist = fit_feature_map(
                 phi0, tq, tk, tv, loss=args.loss, steps=args.steps, lr=args.lr, ortho_weight=args.ortho_weight,
@@ -249,9 +281,8 @@ def run(args) -> int:
             rows[label] = (num_params(phi), err.output_error, err.attention_kl, hist.seconds)
             maps[label], histories[label] = phi, hist
     fixed_rows = {}
-    for label, kind in FIXED.items():
-        phi = kind if kind in ("elu", "relu") else feature_map(kind, num_heads=H, head_dim=d, seed=args.seed,
-                                                               like=eq)
+    for label, kind in fixed.items():
+        phi = feature_map(kind, num_heads=H, head_dim=d, seed=args.seed, like=eq)
         err = approximation_error(phi, eq, ek, ev)
         rows[label] = fixed_rows[label] = (0, err.output_error, err.attention_kl)
         maps[label] = phi
@@ -265,34 +296,35 @@ def run(args) -> int:
     print("  output error: relative RMS error of the output; attention KL: mean KL(softmax || linear) per "
           "query row, nats", file=out)
     print(f"  before fitting (seeded initialisation) the trainable kernels had output errors "
-          + ", ".join(f"{lab} {histories[lab].eval_output_error[0]:.3f}" for lab in TRAINABLE), file=out)
-    print(_verdict(rows) + "\n", file=out)
+          + ", ".join(f"{lab} {histories[lab].eval_output_error[0]:.3f}" for lab in trainable), file=out)
+    print(_verdict(rows, trainable, fixed) + "\n", file=out)
+    timed = [lab for lab in TIMED if lab in rows] + [lab for lab in rows if lab not in TRAINABLE and lab not in FIXED]
 
-    if args.sizes:
+    if args.sizes and timed:
         sizes = args.sizes
         print(f"Time, non-causal, {H} heads (median of {args.repeats}; ratio = softmax time / linear time, "
               f">1 means linear attention is faster); inputs: the passages tiled to length N", file=out)
-        print(f"  {'N':>6} {'softmax':>10}" + "".join(f" {lab:>19}" for lab in TIMED), file=out)
-        times = {lab: [] for lab in TIMED}
+        print(f"  {'N':>6} {'softmax':>10}" + "".join(f" {lab:>19}" for lab in timed), file=out)
+        times = {lab: [] for lab in timed}
         soft = []
         for n in sizes:
             Q, K, V = (to_array(_tile(a, n)) for a in (sample.q, sample.k, sample.v))
             ts = median_time(lambda: softmax_attention(Q, K, V), repeats=args.repeats, budget=args.budget)
             soft.append(ts)
             cells = []
-            for lab in TIMED:
+            for lab in timed:
                 phi = maps[lab]
                 tl = median_time(lambda: linear_attention(Q, K, V, feature_map=phi), repeats=args.repeats,
                                  budget=args.budget)
                 times[lab].append(tl)
                 cells.append(f"{tl * 1e3:9.1f} ms x{ts / tl:5.2f}")
             print(f"  {n:>6} {ts * 1e3:7.1f} ms" + "".join(f" {c:>19}" for c in cells), file=out)
-        for lab in TIMED:
+        for lab in timed:
             print(f"  crossover {lab:<9}: {crossover_text(sizes, soft, times[lab])}", file=out)
         print(file=out)
 
     if args.out:
-        best = min(TRAINABLE, key=lambda lab: rows[lab][1])
+        best = min(trainable, key=lambda lab: rows[lab][1]) if trainable else None
         path = _figure(args.out, sample, _peaked_head(test), maps, histories, fixed_rows, best, to_array)
         if path is None:
             print("figure: matplotlib is not installed (pip install matplotlib to draw it)", file=out)
@@ -331,6 +363,9 @@ def add_arguments(p) -> None:
                                            "empty string: skip timing)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timing repeats per size (default 5)")
     p.add_argument("--budget", type=seconds, default=3.0, help="seconds per timing before stopping early (default 3)")
+    p.add_argument("--kinds", type=_kinds, default="all", metavar="KERNELS",
+                   help="'all' (default) or comma-separated kernels: table labels (glu, 'glu x2', elu+1...) or "
+                        "feature-map kind names, including kinds added with ka.register_feature_map")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the initial kernels (default 0)")
     p.add_argument("--out", default=DEFAULT_OUT,
                    help=f"figure path (default {DEFAULT_OUT}; empty string: no figure)")
