@@ -123,8 +123,8 @@ def check_modules(device):
     from kernelattn.backends.torch_nn import LinearTransformerEncoderLayer
 
     torch.manual_seed(0)
-    cpu = LinearTransformerEncoderLayer(64, 4, 128, kernel="glu", causal=True, dropout=0.0, seed=0).double().eval()
-    gpu = LinearTransformerEncoderLayer(64, 4, 128, kernel="glu", causal=True, dropout=0.0, seed=0).to(device).eval()
+    cpu = LinearTransformerEncoderLayer(64, 4, 128, feature_map="glu", causal=True, dropout=0.0, seed=0).double().eval()
+    gpu = LinearTransformerEncoderLayer(64, 4, 128, feature_map="glu", causal=True, dropout=0.0, seed=0).to(device).eval()
     gpu.load_state_dict({k_: t.float() for k_, t in cpu.state_dict().items()})
     x = torch.randn(2, 150, 64, dtype=torch.float64)
     want = cpu(x).detach()

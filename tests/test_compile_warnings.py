@@ -82,7 +82,7 @@ def test_encoder_layer_training_step_with_padding_compiles_silently():
     """Training mode (kernel dropout on) and its backward; aot_eager: Dynamo and AOTAutograd
     without inductor's C++ build, which the other two tests run (a cold one costs ~40 s here)."""
     torch.manual_seed(0)
-    layer = LinearTransformerEncoderLayer(16, 2, 32, kernel="glu", seed=0, dropout=0.1)
+    layer = LinearTransformerEncoderLayer(16, 2, 32, feature_map="glu", seed=0, dropout=0.1)
     x, pad = _x(2, 12, 16), _pad(2, 12)
     with silent():
         compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
@@ -93,7 +93,7 @@ def test_encoder_layer_training_step_with_padding_compiles_silently():
 
 
 def test_causal_attention_module_compiles_silently_and_matches_eager():
-    attn = MultiheadLinearAttention(16, 2, kernel="glu", depth=2, causal=True, seed=0, chunk_size=4).eval()
+    attn = MultiheadLinearAttention(16, 2, feature_map="glu", depth=2, causal=True, seed=0, chunk_size=4).eval()
     x, pad = _x(2, 10, 16, seed=1), _pad(2, 10)
     with torch.no_grad():
         want = attn(x, key_padding_mask=pad)[0]

@@ -62,7 +62,7 @@ TORCH_CASES = [
 
 
 def _torch_call(which):
-    attn = MultiheadLinearAttention(E, 2, kernel="glu", causal=True, seed=0)
+    attn = MultiheadLinearAttention(E, 2, feature_map="glu", causal=True, seed=0)
     layer = LinearTransformerEncoderLayer(E, 2, 32, causal=True, seed=0)
     return {"forward": attn, "step": attn.step, "layer": layer, "layer_step": layer.step,
             "fmap": FeatureMap("glu", 2, 8, seed=0)}[which]
@@ -77,7 +77,7 @@ def test_torch_module_errors(which, kwargs, kind, pattern):
 
 
 def test_torch_flags_still_take_numpy_bools():
-    attn = MultiheadLinearAttention(E, 2, kernel="glu", seed=0)
+    attn = MultiheadLinearAttention(E, 2, feature_map="glu", seed=0)
     want = attn(X, is_causal=True)[0]
     got = attn(X, is_causal=np.bool_(True), need_weights=np.bool_(False))[0]
     assert torch.equal(got, want)

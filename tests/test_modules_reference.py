@@ -38,7 +38,7 @@ def test_torch_module_matches_definition(causal):
     import torch
     from kernelattn.backends.torch_nn import MultiheadLinearAttention
 
-    attn = MultiheadLinearAttention(E, H, kernel="glu", depth=2, causal=causal, seed=0)
+    attn = MultiheadLinearAttention(E, H, feature_map="glu", depth=2, causal=causal, seed=0)
     attn.eval()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((B, N, E))

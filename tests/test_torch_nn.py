@@ -97,7 +97,7 @@ def _manual(attn, q_in, k_in, v_in, *, key_mask=None, causal=None):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_multihead_linear_attention_computes_the_layer(causal):
-    attn = MultiheadLinearAttention(24, 3, kernel="aoglu", depth=2, causal=causal, seed=0)
+    attn = MultiheadLinearAttention(24, 3, feature_map="aoglu", depth=2, causal=causal, seed=0)
     x = _x(2, 13, 24)
     out, weights = attn(x, x, x)
     assert weights is None and out.shape == (2, 13, 24)
@@ -107,12 +107,12 @@ def test_multihead_linear_attention_computes_the_layer(causal):
 
 
 def test_cross_attention_layouts_and_widths():
-    attn = MultiheadLinearAttention(16, 2, kernel="ffn", kdim=5, vdim=7, seed=0)
+    attn = MultiheadLinearAttention(16, 2, feature_map="ffn", kdim=5, vdim=7, seed=0)
     q, k, v = _x(3, 4, 16), _x(3, 9, 5, seed=1), _x(3, 9, 7, seed=2)
     out, _ = attn(q, k, v)
     assert out.shape == (3, 4, 16)
     assert rel_rms_error(out.detach(), _manual(attn, q, k, v).detach()) < 1e-5
-    seq_first = MultiheadLinearAttention(16, 2, kernel="ffn", kdim=5, vdim=7, batch_first=False, seed=0)
+    seq_first = MultiheadLinearAttention(16, 2, feature_map="ffn", kdim=5, vdim=7, batch_first=False, seed=0)
     seq_first.load_state_dict(attn.state_dict())
     out_sf, _ = seq_first(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1))
     assert torch.allclose(out_sf.transpose(0, 1), out, atol=1e-6)
@@ -121,7 +121,7 @@ def test_cross_attention_layouts_and_widths():
 
 
 def test_key_padding_mask_true_marks_padding_as_in_torch():
-    attn = MultiheadLinearAttention(16, 4, kernel="glu", seed=0)
+    attn = MultiheadLinearAttention(16, 4, feature_map="glu", seed=0)
     x = _x(2, 11, 16)
     pad = torch.zeros(2, 11, dtype=torch.bool)
     pad[0, 8:] = True
@@ -155,7 +155,7 @@ def test_unsupported_arguments_fail_clearly():
     with pytest.raises(ValueError, match="causal=False"):
         attn.step(x[:, 0])
     with pytest.raises(ValueError, match="num_heads=4"):
-        MultiheadLinearAttention(8, 2, kernel=FeatureMap("glu", 4, 2, seed=0))
+        MultiheadLinearAttention(8, 2, feature_map=FeatureMap("glu", 4, 2, seed=0))
     # the causal mask itself, flagged as such, is accepted (as nn.TransformerEncoderLayer passes it)
     mask = nn.Transformer.generate_square_subsequent_mask(4)
     out, _ = attn(x, attn_mask=mask, is_causal=True)
@@ -165,16 +165,16 @@ def test_unsupported_arguments_fail_clearly():
 
 
 def test_state_dict_round_trip():
-    layer = LinearTransformerEncoderLayer(16, 2, 32, kernel="aoglu", depth=2, kernel_bias=True, seed=0).eval()
-    other = LinearTransformerEncoderLayer(16, 2, 32, kernel="aoglu", depth=2, kernel_bias=True, seed=1).eval()
+    layer = LinearTransformerEncoderLayer(16, 2, 32, feature_map="aoglu", depth=2, feature_map_bias=True, seed=0).eval()
+    other = LinearTransformerEncoderLayer(16, 2, 32, feature_map="aoglu", depth=2, feature_map_bias=True, seed=1).eval()
     x = _x(2, 7, 16)
     assert not torch.allclose(layer(x), other(x))
     other.load_state_dict(layer.state_dict())
     assert torch.equal(layer(x), other(x))
     keys = set(layer.state_dict())
     assert {"self_attn.feature_map.params.shared.1.A", "self_attn.q_proj.weight", "norm1.weight"} <= keys
-    fav = MultiheadLinearAttention(8, 2, kernel="favor", seed=0)
-    fav2 = MultiheadLinearAttention(8, 2, kernel="favor", seed=5)
+    fav = MultiheadLinearAttention(8, 2, feature_map="favor", seed=0)
+    fav2 = MultiheadLinearAttention(8, 2, feature_map="favor", seed=5)
     fav2.load_state_dict(fav.state_dict())
     assert torch.equal(fav(x[:, :, :8])[0], fav2(x[:, :, :8])[0])
 
@@ -185,7 +185,7 @@ def test_state_dict_round_trip():
 
 @pytest.mark.parametrize("kernel", ["glu", "elu"])
 def test_step_decoding_equals_the_parallel_causal_output(kernel):
-    attn = MultiheadLinearAttention(16, 4, kernel=kernel, causal=True, seed=0).eval()
+    attn = MultiheadLinearAttention(16, 4, feature_map=kernel, causal=True, seed=0).eval()
     x = _x(2, 12, 16)
     with torch.no_grad():
         full, _ = attn(x)
@@ -200,7 +200,7 @@ def test_step_decoding_equals_the_parallel_causal_output(kernel):
 
 
 def test_step_skips_padded_tokens_and_the_encoder_block_decodes():
-    layer = LinearTransformerEncoderLayer(16, 2, 32, kernel="glu", causal=True, seed=0).eval()
+    layer = LinearTransformerEncoderLayer(16, 2, 32, feature_map="glu", causal=True, seed=0).eval()
     x = _x(1, 9, 16)
     with torch.no_grad():
         full = layer(x)
@@ -220,7 +220,7 @@ def test_step_skips_padded_tokens_and_the_encoder_block_decodes():
 
 
 def test_encoder_block_is_pre_layernorm():
-    layer = LinearTransformerEncoderLayer(16, 2, 32, dropout=0.0, kernel="glu", seed=0)
+    layer = LinearTransformerEncoderLayer(16, 2, 32, dropout=0.0, feature_map="glu", seed=0)
     x = _x(2, 6, 16)
     h = x + layer.self_attn(layer.norm1(x))[0]
     want = h + layer.linear2(torch.nn.functional.gelu(layer.linear1(layer.norm2(h))))
@@ -232,14 +232,14 @@ def test_encoder_block_is_pre_layernorm():
 def test_the_papers_listops_model_has_the_papers_parameter_count(kernel, depth, rank, total):
     """The paper's ListOps encoder (Yorsh & Kovalenko 2022): hidden 512, 8 heads, 6 layers, MLP 2048;
     embeddings and classifier added by hand."""
-    layer = LinearTransformerEncoderLayer(512, 8, 2048, kernel=kernel, depth=depth, rank=rank, seed=0,
+    layer = LinearTransformerEncoderLayer(512, 8, 2048, feature_map=kernel, depth=depth, rank=rank, seed=0,
                                           device="meta")
     outside = 17 * 512 + 2000 * 512 + 512 + 1024 + (512 * 2048 + 2048) + (2048 * 10 + 10)
     assert 6 * _n(layer) + outside == total
 
 
 def test_dropout_regularises_the_kernel_in_training_only():
-    attn = MultiheadLinearAttention(16, 2, kernel="glu", dropout=0.5, seed=0)
+    attn = MultiheadLinearAttention(16, 2, feature_map="glu", feature_map_dropout=0.5, seed=0)
     x = _x(2, 8, 16)
     a, b = attn(x)[0], attn(x)[0]
     assert not torch.allclose(a, b)
@@ -248,11 +248,11 @@ def test_dropout_regularises_the_kernel_in_training_only():
 
 
 def test_half_precision_module():
-    attn = MultiheadLinearAttention(16, 2, kernel="glu", causal=True, seed=0, dtype=torch.bfloat16)
+    attn = MultiheadLinearAttention(16, 2, feature_map="glu", causal=True, seed=0, dtype=torch.bfloat16)
     x = _x(2, 10, 16, dtype=torch.bfloat16)
     out, _ = attn(x)
     assert out.dtype == torch.bfloat16
-    ref = MultiheadLinearAttention(16, 2, kernel="glu", causal=True, seed=0)
+    ref = MultiheadLinearAttention(16, 2, feature_map="glu", causal=True, seed=0)
     ref.load_state_dict({k: v.float() for k, v in attn.state_dict().items()})
     assert rel_rms_error(out.detach().float(), ref(x.float())[0].detach()) < 3e-2
 
@@ -260,7 +260,7 @@ def test_half_precision_module():
 def test_a_small_model_trains():
     """A causal model learns to output the running mean of its inputs; the loss falls 10x."""
     torch.manual_seed(0)
-    block = LinearTransformerEncoderLayer(32, 4, 64, kernel="glu", causal=True, dropout=0.0, seed=0)
+    block = LinearTransformerEncoderLayer(32, 4, 64, feature_map="glu", causal=True, dropout=0.0, seed=0)
     model = nn.Sequential(nn.Linear(4, 32), block, nn.Linear(32, 4))
     opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
     g = torch.Generator().manual_seed(0)
@@ -282,7 +282,7 @@ def test_a_small_model_trains():
 
 
 def test_compile_fullgraph_training_step_matches_eager():
-    layer = LinearTransformerEncoderLayer(16, 2, 32, kernel="glu", causal=True, dropout=0.0, seed=0)
+    layer = LinearTransformerEncoderLayer(16, 2, 32, feature_map="glu", causal=True, dropout=0.0, seed=0)
     x = _x(2, 20, 16)
     pad = torch.zeros(2, 20, dtype=torch.bool)
     pad[1, 15:] = True
@@ -299,7 +299,7 @@ def test_compile_fullgraph_training_step_matches_eager():
 
 
 def test_compile_fullgraph_inference_matches_eager():
-    attn = MultiheadLinearAttention(16, 2, kernel="ffn", seed=0).eval()
+    attn = MultiheadLinearAttention(16, 2, feature_map="ffn", seed=0).eval()
     x = _x(2, 20, 16)
     pad = torch.zeros(2, 20, dtype=torch.bool)
     pad[0, 3:] = True

@@ -163,7 +163,8 @@ class _LinearAttention(nn.Module):
 
         kind, options = ATTENTIONS[attention]
         self.attn = MultiheadLinearAttention(
-            cfg.hidden, cfg.heads, kernel=kind, dropout=cfg.attention_dropout if attention in TRAINABLE else 0.0,
+            cfg.hidden, cfg.heads, feature_map=kind,
+            feature_map_dropout=cfg.attention_dropout if attention in TRAINABLE else 0.0,
             seed=seed, device=device, dtype=dtype, **options)
         self.tied = self.attn.feature_map.spec.tied
 
