@@ -41,6 +41,7 @@ from kernelattn import _tree
 from kernelattn import _validation as _check
 from kernelattn import feature_maps as _fm
 from kernelattn._convert import to_numpy
+from kernelattn.backends._renames import renamed as _renamed
 
 __all__ = ["Buffer", "EncoderBlock", "FeatureMap", "MultiheadLinearAttention"]
 
@@ -72,15 +73,20 @@ def _as_jax(a, dtype):
     return a if dtype is None else a.astype(dtype)
 
 
-def _draw(name, template, key, dtype):
-    """A fresh value for the array ``name`` shaped like ``template``, the way the core initialises it."""
-    shape = template.shape
-    if name in ("b", "c"):
+def _draw(param, key, dtype):
+    """A fresh value for ``param`` (shape and rule, kernelattn/kinds.py), drawn as the core draws it."""
+    shape, rule = tuple(param.shape), param.init
+    if rule == "zeros":
         return jnp.zeros(shape, dtype)
-    if name == "W":
+    if rule == "orthogonal":
         return _semi_orthogonal(key, *shape, dtype)
-    # gates G, A, B: He-normal, fan_in = the input width of the head's matrix
-    return jax.random.normal(key, shape, dtype) * math.sqrt(2.0 / shape[-2])
+    if rule == "eye":
+        return jnp.broadcast_to(jnp.eye(shape[-2], shape[-1], dtype=dtype), shape)
+    if rule == "favor":
+        return _favor_projection(key, *shape, dtype)
+    if rule == "he_normal":  # fan_in = the input width of the head's matrix
+        return jax.random.normal(key, shape, dtype) * math.sqrt(2.0 / shape[-2])
+    raise ValueError(f"unknown initialisation rule {rule!r}; expected one of {list(ka.kinds.INIT_RULES)}")
 
 
 class FeatureMap(nnx.Module):
@@ -135,16 +141,14 @@ class FeatureMap(nnx.Module):
         if needs_random and rngs is None and seed is None:
             raise ValueError(f"feature map {kind!r} has weights: pass rngs=nnx.Rngs(...) or seed=...")
         if rngs is not None and needs_random:
-            def fresh(name, a):
-                if kind == "hedgehog" and name == "W":  # deterministic start (identity)
-                    return jnp.asarray(a, dtype)
-                return _draw(name, a, rngs.params(), dtype)
+            param_layout, buffer_layout = _fm.layout(phi.spec)
 
-            params = {role: [{name: fresh(name, a) for name, a in sorted(block.items())} for block in blocks]
-                      for role, blocks in phi.params.items()}
-            buffers = {}
-            if "omega" in phi.buffers:
-                buffers["omega"] = _favor_projection(rngs.params(), num_heads, phi.head_dim, phi.feature_dim, dtype)
+            def fresh(p):  # deterministic rules draw no key
+                return _draw(p, None if p.init == "eye" else rngs.params(), dtype)
+
+            params = {role: [{name: fresh(p) for name, p in sorted(block.items())} for block in blocks]
+                      for role, blocks in param_layout.items()}
+            buffers = {name: fresh(p) for name, p in buffer_layout.items()}
         else:
             params = _tree.tree_map(lambda a: jnp.asarray(a, dtype), phi.params)
             buffers = _tree.tree_map(lambda a: jnp.asarray(a, dtype), phi.buffers)
@@ -211,7 +215,8 @@ def _make_feature_map(feature_map, *, num_heads, head_dim, rngs, **options):
     if isinstance(feature_map, _fm.FeatureMap):
         return FeatureMap.from_feature_map(feature_map)
     if isinstance(feature_map, str):
-        if feature_map in ("elu", "relu"):
+        kind = ka.kinds.get(feature_map)
+        if kind is not None and not kind.needs_shape:
             return FeatureMap(feature_map)
         return FeatureMap(feature_map, num_heads=num_heads, head_dim=head_dim, rngs=rngs, **options)
     raise TypeError(f"feature_map must be a kind name, a kernelattn.FeatureMap or a jax_nn.FeatureMap; "
@@ -233,9 +238,10 @@ class MultiheadLinearAttention(nnx.Module):
         Width of the output; default ``in_features``.
     feature_map : str, FeatureMap or kernelattn.FeatureMap, default "glu"
         The kernel: a kind name (built here with ``rngs``), or a map to use.
-    feature_dim, depth, rank, tied, kernel_bias
-        Options of a feature map built here (see :func:`kernelattn.feature_map`;
-        ``kernel_bias`` is its ``bias``).
+    feature_dim, depth, rank, tied
+        Options of a feature map built here (see :func:`kernelattn.feature_map`).
+    feature_map_bias : bool, default False
+        Biases in the kernel's blocks (the feature map's ``bias``).
     causal : bool, default False
         Causal self-attention.
     eps : float, default 1e-6
@@ -244,19 +250,29 @@ class MultiheadLinearAttention(nnx.Module):
     use_bias : bool, default True
         Biases on the q/k/v/output projections.
     rngs : flax.nnx.Rngs
+
+    Notes
+    -----
+    The kernelattn-specific arguments are named and defaulted as in
+    :class:`kernelattn.backends.torch_nn.MultiheadLinearAttention` (see
+    :doc:`/guide/modules`); ``kernel_bias=`` still works for
+    ``feature_map_bias=`` (deprecated; it warns). There is no
+    ``feature_map_dropout`` here: the JAX feature maps are applied by the
+    core, which has no dropout inside the kernel's blocks.
     """
 
+    @_renamed(kernel_bias="feature_map_bias")
     def __init__(self, in_features: int, num_heads: int, *, head_dim: int | None = None,
                  out_features: int | None = None, feature_map="glu", feature_dim: int | None = None,
-                 depth: int = 1, rank: int | None = None, tied: bool = True, kernel_bias: bool = False,
+                 depth: int = 1, rank: int | None = None, tied: bool = True, feature_map_bias: bool = False,
                  causal: bool = False, eps: float = 1e-6, chunk_size: int | None = None,
                  use_bias: bool = True, rngs: nnx.Rngs):
         in_features, num_heads = _check.integer("in_features", in_features), _check.integer("num_heads", num_heads)
         head_dim = _check.optional_integer("head_dim", head_dim)
         out_features = _check.optional_integer("out_features", out_features)
         eps, chunk_size = _check.nonnegative("eps", eps), _check.optional_integer("chunk_size", chunk_size)
-        causal, use_bias, tied, kernel_bias = (_check.flag(name, value) for name, value in (
-            ("causal", causal), ("use_bias", use_bias), ("tied", tied), ("kernel_bias", kernel_bias)))
+        causal, use_bias, tied, feature_map_bias = (_check.flag(name, value) for name, value in (
+            ("causal", causal), ("use_bias", use_bias), ("tied", tied), ("feature_map_bias", feature_map_bias)))
         _check_rngs(rngs)
         if head_dim is None:
             if in_features % num_heads:
@@ -271,7 +287,7 @@ class MultiheadLinearAttention(nnx.Module):
         self.value = nnx.Linear(in_features, width, use_bias=use_bias, rngs=rngs)
         self.out = nnx.Linear(width, in_features if out_features is None else out_features,
                               use_bias=use_bias, rngs=rngs)
-        options = {"feature_dim": feature_dim, "depth": depth, "rank": rank, "tied": tied, "bias": kernel_bias}
+        options = {"feature_dim": feature_dim, "depth": depth, "rank": rank, "tied": tied, "bias": feature_map_bias}
         self.feature_map = _make_feature_map(feature_map, num_heads=num_heads, head_dim=head_dim, rngs=rngs,
                                              **options)
 
@@ -324,23 +340,36 @@ class EncoderBlock(nnx.Module):
         Hidden width of the MLP; default ``4 * features``.
     dropout : float, default 0.1
         Rate of both MLP dropouts (``model.eval()`` turns them off).
-    causal : bool, default False
+    feature_map, feature_dim, depth, rank, tied, feature_map_bias, causal, eps, chunk_size
+        The attention's options (see :class:`MultiheadLinearAttention`).
     rngs : flax.nnx.Rngs
     **attention_options
-        Passed to :class:`MultiheadLinearAttention` (``feature_map``, ``depth``,
-        ``head_dim``, ``eps``, ...).
+        Further options of :class:`MultiheadLinearAttention` (``head_dim``,
+        ``use_bias``, ...).
+
+    Notes
+    -----
+    The kernelattn-specific arguments are named and defaulted as in
+    :class:`kernelattn.backends.torch_nn.LinearTransformerEncoderLayer` (see
+    :doc:`/guide/modules`); ``kernel_bias=`` still works for
+    ``feature_map_bias=`` (deprecated; it warns).
     """
 
+    @_renamed(kernel_bias="feature_map_bias")
     def __init__(self, features: int, num_heads: int, *, mlp_features: int | None = None, dropout: float = 0.1,
-                 causal: bool = False, rngs: nnx.Rngs, **attention_options):
+                 feature_map="glu", feature_dim: int | None = None, depth: int = 1, rank: int | None = None,
+                 tied: bool = True, feature_map_bias: bool = False, causal: bool = False, eps: float = 1e-6,
+                 chunk_size: int | None = None, rngs: nnx.Rngs, **attention_options):
         features, num_heads = _check.integer("features", features), _check.integer("num_heads", num_heads)
         mlp_features = _check.optional_integer("mlp_features", mlp_features)
         dropout, causal = _check.probability("dropout", dropout), _check.flag("causal", causal)
         _check_rngs(rngs)
         hidden = 4 * features if mlp_features is None else mlp_features
         self.norm1 = nnx.LayerNorm(features, rngs=rngs)
-        self.attention = MultiheadLinearAttention(features, num_heads, causal=causal, rngs=rngs,
-                                                  **attention_options)
+        self.attention = MultiheadLinearAttention(
+            features, num_heads, feature_map=feature_map, feature_dim=feature_dim, depth=depth, rank=rank,
+            tied=tied, feature_map_bias=feature_map_bias, causal=causal, eps=eps, chunk_size=chunk_size, rngs=rngs,
+            **attention_options)
         self.norm2 = nnx.LayerNorm(features, rngs=rngs)
         self.mlp_in = nnx.Linear(features, hidden, rngs=rngs)
         self.mlp_out = nnx.Linear(hidden, features, rngs=rngs)

@@ -19,7 +19,7 @@ Examples
 --------
 >>> import torch
 >>> from kernelattn.backends.torch_nn import MultiheadLinearAttention
->>> attn = MultiheadLinearAttention(64, 4, kernel="glu", causal=True, seed=0)
+>>> attn = MultiheadLinearAttention(64, 4, feature_map="glu", causal=True, seed=0)
 >>> x = torch.randn(2, 10, 64)
 >>> out, _ = attn(x, x, x)
 >>> out.shape
@@ -39,8 +39,10 @@ from torch import nn
 import kernelattn as ka
 from kernelattn import _validation as _check
 from kernelattn.backends import _torch_fmap
+from kernelattn.backends._renames import renamed as _renamed
 from kernelattn.feature_maps import CallableFeatureMap as _CallableFeatureMap
 from kernelattn.feature_maps import FeatureMap as _FeatureMap
+from kernelattn.feature_maps import describe as _describe
 
 __all__ = ["FeatureMap", "LinearTransformerEncoderLayer", "MultiheadLinearAttention"]
 
@@ -146,17 +148,7 @@ class FeatureMap(nn.Module):
         return ka.orthogonality_penalty(self.as_feature_map(), weight=weight)
 
     def extra_repr(self) -> str:
-        s = self.spec
-        parts = [repr(s.kind)]
-        if s.num_heads is not None:
-            parts += [f"num_heads={s.num_heads}", f"head_dim={s.head_dim}", f"feature_dim={s.feature_dim}"]
-        if s.kind in ("ffn", "glu", "aoglu"):
-            parts.append(f"depth={s.depth}")
-        if s.kind == "aoglu":
-            parts.append(f"rank={s.rank}")
-        if not s.tied:
-            parts.append("tied=False")
-        return ", ".join(parts)
+        return ", ".join([repr(self.spec.kind), *_describe(self.spec)])
 
 
 class _DropoutFeatureMap(_CallableFeatureMap):
@@ -214,18 +206,24 @@ class MultiheadLinearAttention(nn.Module):
     embed_dim : int
         Model width E; split into ``num_heads`` heads of width E / num_heads.
     num_heads : int
-    kernel : str or FeatureMap, default "glu"
+    feature_map : str or FeatureMap, default "glu"
         The feature map: a kind (see :data:`kernelattn.KINDS`) built here, or
         a :class:`FeatureMap` module (for instance to share one between layers).
-    depth, feature_dim, rank, kernel_bias, tied
-        Passed to :class:`FeatureMap` when ``kernel`` is a kind.
+    depth, feature_dim, rank, tied
+        Passed to :class:`FeatureMap` when ``feature_map`` is a kind.
+    feature_map_bias : bool, default False
+        Biases in the kernel's blocks (:class:`FeatureMap`'s ``bias``).
     causal : bool, default False
         Attend only to earlier positions (decoder self-attention).
     batch_first : bool, default True
         Inputs are (batch, seq, feature); False for (seq, batch, feature).
-    dropout : float, default 0.0
+    feature_map_dropout : float, default 0.0
         Dropout on the input of every kernel block while training (the
         paper's regularisation; linear attention has no weight matrix to drop).
+    dropout : float, optional
+        ``torch.nn.MultiheadAttention``'s spelling of ``feature_map_dropout``,
+        kept for ported code (there it drops attention weights, which linear
+        attention never forms). Give one of the two.
     bias : bool, default True
         Biases of the four projections.
     kdim, vdim : int, optional
@@ -246,12 +244,20 @@ class MultiheadLinearAttention(nn.Module):
     ``attn_mask`` is accepted only as the causal mask (``is_causal=True``).
     Projections are four ``nn.Linear`` (``q_proj``, ``k_proj``, ``v_proj``,
     ``out_proj``).
+
+    The names ``kernel=`` and ``kernel_bias=`` still work for
+    ``feature_map=`` and ``feature_map_bias=`` (deprecated; they warn). The
+    arguments are those of :class:`kernelattn.backends.jax_nn.MultiheadLinearAttention`
+    (see :doc:`/guide/modules`).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, *, kernel="glu", depth: int = 1,
-                 feature_dim: int | None = None, rank: int | None = None, kernel_bias: bool = False,
-                 tied: bool = True, causal: bool = False, batch_first: bool = True, dropout: float = 0.0,
-                 bias: bool = True, kdim: int | None = None, vdim: int | None = None, eps: float = 1e-6,
+    @_renamed(synonyms=(("dropout", "feature_map_dropout"),), kernel="feature_map",
+              kernel_bias="feature_map_bias")
+    def __init__(self, embed_dim: int, num_heads: int, *, feature_map="glu", depth: int = 1,
+                 feature_dim: int | None = None, rank: int | None = None, feature_map_bias: bool = False,
+                 tied: bool = True, causal: bool = False, batch_first: bool = True,
+                 feature_map_dropout: float = 0.0, dropout: float | None = None, bias: bool = True,
+                 kdim: int | None = None, vdim: int | None = None, eps: float = 1e-6,
                  chunk_size: int | None = None, seed=None, device=None, dtype=None):
         super().__init__()
         embed_dim, num_heads = _check.integer("embed_dim", embed_dim), _check.integer("num_heads", num_heads)
@@ -259,10 +265,14 @@ class MultiheadLinearAttention(nn.Module):
             raise ValueError(f"embed_dim must be divisible by num_heads; got embed_dim={embed_dim}, "
                              f"num_heads={num_heads}")
         kdim, vdim = _check.optional_integer("kdim", kdim), _check.optional_integer("vdim", vdim)
-        dropout, eps = _check.probability("dropout", dropout), _check.nonnegative("eps", eps)
+        if dropout is None:
+            dropout = _check.probability("feature_map_dropout", feature_map_dropout)
+        else:
+            dropout = _check.probability("dropout", dropout)
+        eps = _check.nonnegative("eps", eps)
         chunk_size = _check.optional_integer("chunk_size", chunk_size)
-        causal, batch_first, bias, kernel_bias, tied = (_check.flag(name, value) for name, value in (
-            ("causal", causal), ("batch_first", batch_first), ("bias", bias), ("kernel_bias", kernel_bias),
+        causal, batch_first, bias, feature_map_bias, tied = (_check.flag(name, value) for name, value in (
+            ("causal", causal), ("batch_first", batch_first), ("bias", bias), ("feature_map_bias", feature_map_bias),
             ("tied", tied)))
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads = embed_dim, num_heads
@@ -280,17 +290,19 @@ class MultiheadLinearAttention(nn.Module):
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
-        if isinstance(kernel, FeatureMap):
-            if (kernel.num_heads, kernel.head_dim) not in ((num_heads, self.head_dim), (None, None)):
-                raise ValueError(f"kernel was built for num_heads={kernel.num_heads}, head_dim={kernel.head_dim}; "
-                                 f"this layer has num_heads={num_heads}, head_dim={self.head_dim}")
-            self.feature_map = kernel
-        elif isinstance(kernel, str):
-            self.feature_map = FeatureMap(kernel, num_heads, self.head_dim, feature_dim=feature_dim, depth=depth,
-                                          rank=rank, bias=kernel_bias, tied=tied, seed=seed, **factory)
+        if isinstance(feature_map, FeatureMap):
+            if (feature_map.num_heads, feature_map.head_dim) not in ((num_heads, self.head_dim), (None, None)):
+                raise ValueError(f"feature_map was built for num_heads={feature_map.num_heads}, "
+                                 f"head_dim={feature_map.head_dim}; this layer has num_heads={num_heads}, "
+                                 f"head_dim={self.head_dim}")
+            self.feature_map = feature_map
+        elif isinstance(feature_map, str):
+            self.feature_map = FeatureMap(feature_map, num_heads, self.head_dim, feature_dim=feature_dim,
+                                          depth=depth, rank=rank, bias=feature_map_bias, tied=tied, seed=seed,
+                                          **factory)
         else:
-            raise TypeError(f"kernel must be a kind name or a kernelattn FeatureMap module; "
-                            f"got {_check.short(kernel)}")
+            raise TypeError(f"feature_map must be a kind name or a kernelattn FeatureMap module; "
+                            f"got {_check.short(feature_map)}")
 
     # -- helpers ---------------------------------------------------------------
     def _heads(self, x, proj):
@@ -457,10 +469,12 @@ class LinearTransformerEncoderLayer(nn.Module):
     nhead : int
     dim_feedforward : int, default 2048
     dropout : float, default 0.1
-        Dropout of the feedforward sublayer.
-    kernel, depth, feature_dim, rank, kernel_bias, tied, seed
+        Dropout of the feedforward sublayer (and of the kernel blocks' inputs
+        unless ``feature_map_dropout`` is given), as in
+        ``torch.nn.TransformerEncoderLayer``'s position.
+    feature_map, depth, feature_dim, rank, feature_map_bias, tied, seed
         The attention's kernel (see :class:`MultiheadLinearAttention`).
-    kernel_dropout : float, optional
+    feature_map_dropout : float, optional
         Dropout on the kernel blocks' inputs (default ``dropout``, as in the paper).
     causal : bool, default False
     activation : {"gelu", "relu"} or callable, default "gelu"
@@ -474,28 +488,34 @@ class LinearTransformerEncoderLayer(nn.Module):
     --------
     >>> import torch
     >>> from kernelattn.backends.torch_nn import LinearTransformerEncoderLayer
-    >>> layer = LinearTransformerEncoderLayer(64, 4, 128, kernel="glu", seed=0)
+    >>> layer = LinearTransformerEncoderLayer(64, 4, 128, feature_map="glu", seed=0)
     >>> layer(torch.randn(2, 50, 64)).shape
     torch.Size([2, 50, 64])
+
+    The names ``kernel=``, ``kernel_bias=`` and ``kernel_dropout=`` still work
+    for ``feature_map=``, ``feature_map_bias=`` and ``feature_map_dropout=``
+    (deprecated; they warn). See :doc:`/guide/modules` for the arguments
+    side by side with :class:`kernelattn.backends.jax_nn.EncoderBlock`.
     """
 
+    @_renamed(kernel="feature_map", kernel_bias="feature_map_bias", kernel_dropout="feature_map_dropout")
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1, *,
-                 kernel="glu", depth: int = 1, feature_dim: int | None = None, rank: int | None = None,
-                 kernel_bias: bool = False, tied: bool = True, kernel_dropout: float | None = None,
+                 feature_map="glu", depth: int = 1, feature_dim: int | None = None, rank: int | None = None,
+                 feature_map_bias: bool = False, tied: bool = True, feature_map_dropout: float | None = None,
                  causal: bool = False, activation="gelu", layer_norm_eps: float = 1e-5, batch_first: bool = True,
                  bias: bool = True, eps: float = 1e-6, chunk_size: int | None = None, seed=None, device=None,
                  dtype=None):
         super().__init__()
         dim_feedforward = _check.integer("dim_feedforward", dim_feedforward)
         dropout = _check.probability("dropout", dropout)
-        if kernel_dropout is not None:
-            kernel_dropout = _check.probability("kernel_dropout", kernel_dropout)
+        if feature_map_dropout is not None:
+            feature_map_dropout = _check.probability("feature_map_dropout", feature_map_dropout)
         layer_norm_eps = _check.positive("layer_norm_eps", layer_norm_eps)
         factory = {"device": device, "dtype": dtype}
         self.self_attn = MultiheadLinearAttention(
-            d_model, nhead, kernel=kernel, depth=depth, feature_dim=feature_dim, rank=rank, kernel_bias=kernel_bias,
-            tied=tied, causal=causal, batch_first=batch_first,
-            dropout=dropout if kernel_dropout is None else kernel_dropout, bias=bias, eps=eps,
+            d_model, nhead, feature_map=feature_map, depth=depth, feature_dim=feature_dim, rank=rank,
+            feature_map_bias=feature_map_bias, tied=tied, causal=causal, batch_first=batch_first,
+            feature_map_dropout=dropout if feature_map_dropout is None else feature_map_dropout, bias=bias, eps=eps,
             chunk_size=chunk_size, seed=seed, **factory)
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, **factory)
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, **factory)
