@@ -166,6 +166,34 @@ def pytest_report_header(config):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "backends(*names): run only on these backends")
+    config.addinivalue_line("markers", "slow_where(**params): mark slow the parametrisations whose parameters "
+                                       "all match (a list or tuple: any of these values; xp_backend: the name)")
+
+
+def _matches(value, want) -> bool:
+    wants = want if isinstance(want, (list, tuple, set, frozenset)) else (want,)
+    for w in wants:
+        try:
+            if bool(value == w):
+                return True
+        except Exception:  # e.g. arrays compared with a scalar
+            continue
+    return False
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.slow_where(xp_backend="jax", kind=["ffn", "favor"])`` marks slow the items whose
+    parameters all match: repeats of a path the quick tier (``-m "not slow"``) already covers."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        for mark in item.iter_markers("slow_where"):
+            unknown = sorted(set(mark.kwargs) - set(params))
+            if unknown or not mark.kwargs:
+                raise pytest.UsageError(f"{item.nodeid}: slow_where names no parameter of the test: {unknown}")
+            if all(_matches(params[k], v) for k, v in mark.kwargs.items()):
+                item.add_marker(pytest.mark.slow)
+                break
 
 
 @pytest.fixture

@@ -26,6 +26,12 @@ SHAPE_IDS = ["B{}H{}N{}L{}d{}e{}".format(*s) for s in SHAPES]
 # (shape, causal) pairs that make sense: causal needs N = L
 CASES = [pytest.param(s, c, id=f"{i}-{'causal' if c else 'noncausal'}")
          for s, i in zip(SHAPES, SHAPE_IDS) for c in (False, True) if not (c and s[2] != s[3])]
+#: quick tier (-m "not slow"): everything on numpy, array_api_strict and torch; on dask (a graph per
+#: case) one trainable map (glu), one fixed (elu) and two of the shapes; jax (a compile per shape)
+#: only in the full run: its paths are held in the quick tier by test_edges.py and test_backend_jax.py
+HEAVY = ("jax", "dask")
+pytestmark = pytest.mark.slow_where(xp_backend="jax")
+REPEAT_SHAPES = [SHAPES[1], SHAPES[3]]
 KERNELS = [("elu", {}), ("glu", {"depth": 2}), ("aoglu", {"depth": 3}), ("ffn", {}), ("hedgehog", {}),
            ("favor", {}), ("relu", {})]
 
@@ -41,6 +47,8 @@ def _phi(kind, opts, H, d, like, seed=0):
     return ka.feature_map(kind, num_heads=H, head_dim=d, seed=seed, like=like, **opts)
 
 
+@pytest.mark.slow_where(xp_backend=HEAVY, kind=("aoglu", "ffn", "hedgehog", "favor", "relu"))
+@pytest.mark.slow_where(xp_backend=HEAVY, shape=REPEAT_SHAPES)
 @pytest.mark.parametrize("shape,causal", CASES)
 @pytest.mark.parametrize("kind,opts", KERNELS, ids=[k for k, _ in KERNELS])
 def test_linear_attention_matches_reference(xp_backend, shape, causal, kind, opts, rng):
@@ -66,6 +74,8 @@ def test_float64_matches_reference_tightly(xp_backend, causal, rng):
                  rtol=1e-10, atol=1e-12, like=q)
 
 
+@pytest.mark.slow_where(xp_backend=HEAVY, chunk_size=(1, 8, 64, 100))
+@pytest.mark.slow_where(xp_backend=HEAVY, kind="favor")
 @pytest.mark.parametrize("chunk_size", [1, 3, 8, 64, 100])
 @pytest.mark.parametrize("kind", ["elu", "glu", "favor"])
 def test_naive_chunked_recurrent_agree_with_final_states(xp_backend, chunk_size, kind, rng):
@@ -95,6 +105,7 @@ def test_noncausal_naive_equals_linear_form(xp_backend, rng):
     assert_close(a, to_numpy(b), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow_where(xp_backend="jax", masked=False)
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 def test_prefill_then_step_equals_parallel(xp_backend, masked, rng):
     B, H, N, d, P = 2, 2, 12, 8, 5  # prompt of P tokens, then one token at a time
@@ -201,6 +212,7 @@ def test_fully_masked_rows_give_zeros_not_nan(xp_backend, causal, rng):
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow_where(xp_backend=HEAVY, shape=REPEAT_SHAPES)
 @pytest.mark.parametrize("shape,causal", CASES)
 def test_softmax_matches_reference(xp_backend, shape, causal, rng):
     q_np, k_np, v_np = _qkv(rng, *shape, scale=2.0)
@@ -224,6 +236,7 @@ def test_attention_weights_reproduce_outputs(xp_backend, rng):
 HALF = ["float16", "bfloat16"]
 
 
+@pytest.mark.slow_where(xp_backend=HEAVY, dtype="bfloat16")
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_half_precision_accumulates_in_float32(xp_backend, dtype, causal, rng):

@@ -89,6 +89,10 @@ def _rebuild(phi, leaves):
     return phi.replace(params=with_leaves(phi.params, leaves))
 
 
+# quick tier (-m "not slow"): glu causal; jax.grad against the float64 definition: test_edges.py
+@pytest.mark.slow_where(kind=("aoglu", "ffn", "hedgehog", "favor", "elu"))
+@pytest.mark.slow_where(kind="glu", opts={"tied": False})
+@pytest.mark.slow_where(kind="glu", causal=False)
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("kind,opts", KINDS, ids=IDS)
 def test_jax_grad_under_jit_matches_torch(kind, opts, causal):
@@ -121,6 +125,7 @@ def test_causal_strategies_have_equal_gradients(method):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow_where(lib="jax")  # quick: test_backend_jax.py::test_padded_keys_change_nothing_and_get_no_gradient
 @pytest.mark.parametrize("lib", ["torch", "jax"])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_padded_inputs_get_zero_gradient(lib, causal):

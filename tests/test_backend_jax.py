@@ -122,6 +122,10 @@ def test_fast_path_is_chosen_for_jax_arrays():
 # ---------------------------------------------------------------------------- fast vs core
 
 
+# quick tier (-m "not slow"): glu (depth 2), causal; jax against the float64 definition: test_edges.py
+@pytest.mark.slow_where(kind=("ffn", "aoglu", "hedgehog", "favor", "elu", "relu", "callable"))
+@pytest.mark.slow_where(kind="glu", opts={"tied": False, "feature_dim": 10})
+@pytest.mark.slow_where(kind="glu", causal=False)
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("kind,opts", KINDS, ids=KIND_IDS)
 def test_forward_and_gradients_match_core(kind, opts, causal):
@@ -140,6 +144,7 @@ def test_forward_and_gradients_match_core(kind, opts, causal):
         assert float(jnp.max(jnp.abs(fast[0][-1]))) == 0.0
 
 
+@pytest.mark.slow  # quick: state in test_edges.py::test_returned_state_matches_definition
 @pytest.mark.parametrize("kind,opts", [("glu", {}), ("favor", {}), ("elu", {})], ids=["glu", "favor", "elu"])
 def test_cross_attention_with_state_matches_core(kind, opts):
     B, H, N, L, d, e = 2, 2, 9, 23, 4, 3
@@ -159,6 +164,7 @@ def test_cross_attention_with_state_matches_core(kind, opts):
     (2, 1, 50, 3, 7, True),    # awkward everything
     (2, 2, 300, 4, 16, False), # several blocks of several chunks, padded
 ])
+@pytest.mark.slow  # quick: test_forward_and_gradients_match_core
 def test_shapes_match_core(B, H, N, d, chunk, masked):
     q, k, v, mask, state = _inputs(B, H, N, N, d, d + 1, masked=masked, state_m=d)
     phi = _phi("glu", {}, H, d)
@@ -177,6 +183,7 @@ def test_blocks_of_chunks_match_core(monkeypatch):
     _compare(fast, core, TOL[jnp.float32])
 
 
+@pytest.mark.slow  # quick: half precision on jax in test_edges.py
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_half_precision_matches_core(dtype, causal):
@@ -190,6 +197,7 @@ def test_half_precision_matches_core(dtype, causal):
     assert out.dtype == dtype and S.dtype == jnp.float32 and z.dtype == jnp.float32
 
 
+@pytest.mark.slow_where(causal=False)
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_float64_matches_numpy_reference(causal):
     B, H, N, d = 2, 2, 19, 4
@@ -204,6 +212,7 @@ def test_float64_matches_numpy_reference(causal):
     assert rel_rms_error(S, S_ref) <= TOL[jnp.float64] and rel_rms_error(z, z_ref) <= TOL[jnp.float64]
 
 
+@pytest.mark.slow_where(with_mask=False)
 @pytest.mark.parametrize("with_mask", [False, True], ids=["nomask", "masked"])
 def test_custom_vjp_matches_finite_differences(with_mask):
     """The hand-written backward of the chunked kernel, in float64, vs central differences."""
@@ -300,6 +309,7 @@ def test_public_api_under_jit_traces_once_and_uses_the_custom_vjp():
     assert "custom_vjp_call" in text and "callback" not in text
 
 
+@pytest.mark.slow  # quick: vmap in test_autodiff.py::test_jax_float32_default_and_vmap
 def test_vmap_over_the_batch_matches_the_batched_call():
     B, H, N, d = 3, 2, 21, 4
     q, k, v, mask, _ = _inputs(B, H, N, N, d, d, masked=True)
@@ -343,6 +353,7 @@ def _largest_intermediate(jaxpr):
     return biggest
 
 
+@pytest.mark.slow
 def test_backward_stores_no_n_by_m_by_e_tensor_and_scales_linearly():
     B, H, d = 1, 2, 16  # m = e = d
 
@@ -372,6 +383,8 @@ def test_backward_stores_no_n_by_m_by_e_tensor_and_scales_linearly():
 # ---------------------------------------------------------------------------- softmax
 
 
+@pytest.mark.slow_where(dtype=jnp.bfloat16)
+@pytest.mark.slow_where(causal=False)  # quick: causal float32, masked and not
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "masked"])

@@ -71,6 +71,7 @@ def test_bench_writes_the_report(tmp_path, capsys):
 SMALL_DEMO = ["--sizes", "128", "--repeats", "1", "--steps", "5", "--heads", "0,1", "--backend", "numpy"]
 
 
+@pytest.mark.slow  # a long end-to-end run
 def test_demo_in_a_pipe_writes_no_carriage_return(tmp_path):
     """Progress bars are on by default, but only for a terminal: a pipe or a log gets the table alone."""
     res = subprocess.run([sys.executable, "-m", "kernelattn", *SMALL_DEMO, "--out", str(tmp_path / "f.png")],
@@ -117,6 +118,7 @@ def _on_a_terminal(argv, cwd):
     return b"".join(chunks)
 
 
+@pytest.mark.slow  # a long end-to-end run
 def test_progress_bars_on_a_terminal_and_no_progress(tmp_path):
     pytest.importorskip("tqdm")
     pytest.importorskip("termios")  # POSIX pseudo-terminals

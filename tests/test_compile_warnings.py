@@ -78,6 +78,7 @@ def _pad(B, N):
     return pad
 
 
+@pytest.mark.slow  # torch.compile; quick: test_linear_attention_function_compiles_silently_and_matches_eager
 def test_encoder_layer_training_step_with_padding_compiles_silently():
     """Training mode (kernel dropout on) and its backward; aot_eager: Dynamo and AOTAutograd
     without inductor's C++ build, which the other two tests run (a cold one costs ~40 s here)."""
@@ -92,6 +93,7 @@ def test_encoder_layer_training_step_with_padding_compiles_silently():
     assert all(p.grad is not None for p in layer.self_attn.feature_map.parameters())
 
 
+@pytest.mark.slow  # torch.compile; quick: test_linear_attention_function_compiles_silently_and_matches_eager
 def test_causal_attention_module_compiles_silently_and_matches_eager():
     attn = MultiheadLinearAttention(16, 2, feature_map="glu", depth=2, causal=True, seed=0, chunk_size=4).eval()
     x, pad = _x(2, 10, 16, seed=1), _pad(2, 10)

@@ -63,6 +63,13 @@ def decode(bk, phi_np, q, k, v, mask, *, prompt, eps=1e-6, dtype="float32"):
     return np.stack(outs, axis=2), dec, o
 
 
+# quick tier (-m "not slow"): every case on numpy, array_api_strict and torch; on jax and dask (a
+# compile or a graph per step) glu and elu, dense from empty and padded after a prompt
+@pytest.mark.slow_where(xp_backend=("jax", "dask"), kind="ffn")
+@pytest.mark.slow_where(xp_backend=("jax", "dask"), padded=True, prompt=0)
+@pytest.mark.slow_where(xp_backend=("jax", "dask"), padded=False, prompt=P)
+@pytest.mark.slow_where(xp_backend="jax", prompt=0)  # jax: glu, padded after a prompt
+@pytest.mark.slow_where(xp_backend="jax", kind="elu")
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
 @pytest.mark.parametrize("prompt", [0, P], ids=["empty", "prompt"])

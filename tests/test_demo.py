@@ -51,6 +51,7 @@ def test_demo_end_to_end_numpy(tmp_path, capsys):
     assert re.search(r"^done in \d+\.\d s$", out, re.M)
 
 
+@pytest.mark.slow_where(backend="jax")  # a long end-to-end run
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_demo_other_backends(backend, capsys):
     assert main(["demo", "--steps", "2", "--heads", "1", "--layer", "4", "--sizes", "", "--out", "", "--no-progress",

@@ -24,6 +24,7 @@ MODULES = [
 ]
 
 
+@pytest.mark.slow_where(name="kernelattn.backends.jax_nn")  # Flax modules: held by test_jax_nn.py
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
     module = importlib.import_module(name)

@@ -23,6 +23,9 @@ CHUNK = 16        # several chunks, and a partial one
 L_CROSS = 23
 
 MASKS = ("none", "right", "left", "holes", "item", "cross")
+#: the quick tier (-m "not slow") runs every case on numpy, array_api_strict and torch (fast), and on
+#: jax and dask (a compile or a graph per case) each test with fewer patterns, kinds and dtypes
+HEAVY = ("jax", "dask")
 
 
 def make_mask(pattern, rng, n):
@@ -148,12 +151,18 @@ def _check_against_reference(xp_backend, rng, *, causal, pattern, path, method):
 CASES = [(c, p) for c in (False, True) for p in MASKS if not (c and p == "cross")]
 
 
+@pytest.mark.slow_where(xp_backend=HEAVY, pattern=("right", "holes", "item", "cross"))
+@pytest.mark.slow_where(xp_backend=HEAVY, path="fast", causal=False, pattern="left")  # quick: fast causal-left,
+@pytest.mark.slow_where(xp_backend=HEAVY, path="fast", causal=True, pattern="none")   # fast noncausal-none,
+@pytest.mark.slow_where(xp_backend=HEAVY, path="core", causal=False, pattern="none")  # core noncausal-left,
+@pytest.mark.slow_where(xp_backend=HEAVY, path="core", causal=True, pattern="left")   # core causal-none
 @pytest.mark.parametrize("causal, pattern", CASES, ids=[f"{'causal' if c else 'noncausal'}-{p}" for c, p in CASES])
 @pytest.mark.parametrize("path", ["fast", "core"])
 def test_paths_match_definition(xp_backend, rng, causal, pattern, path):
     _check_against_reference(xp_backend, rng, causal=causal, pattern=pattern, path=path, method="auto")
 
 
+@pytest.mark.slow_where(xp_backend=HEAVY, pattern=("none", "right", "holes", "item"))
 @pytest.mark.parametrize("pattern", MASKS[:-1])
 @pytest.mark.parametrize("method", ["naive", "recurrent"])
 def test_reference_strategies_match_definition(xp_backend, rng, method, pattern):
@@ -189,6 +198,9 @@ def test_long_sequences_match_definition(xp_backend, rng, causal, pattern):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.slow_where(xp_backend=HEAVY, pattern="item")
+@pytest.mark.slow_where(xp_backend="jax", pattern="none")
+@pytest.mark.slow_where(xp_backend="jax", causal=False)  # jax quick: causal-left
 @pytest.mark.parametrize("pattern", ["none", "left", "item"])
 def test_returned_state_matches_definition(xp_backend, rng, causal, pattern):
     bk = xp_backend
@@ -211,6 +223,9 @@ def test_returned_state_matches_definition(xp_backend, rng, causal, pattern):
 KINDS = ("ffn", "aoglu", "hedgehog", "favor", "elu", "relu")
 
 
+@pytest.mark.slow_where(xp_backend=HEAVY, kind=("ffn", "hedgehog", "favor", "relu"))  # quick: aoglu, elu
+@pytest.mark.slow_where(xp_backend="jax", kind="aoglu", causal=False)  # jax: aoglu causal, elu noncausal
+@pytest.mark.slow_where(xp_backend="jax", kind="elu", causal=True)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_every_kind_matches_definition(xp_backend, rng, kind, causal):
@@ -233,6 +248,8 @@ def test_every_kind_matches_definition(xp_backend, rng, kind, causal):
 HALF_TOL = 5e-3
 
 
+@pytest.mark.slow_where(xp_backend=HEAVY, dtype="bfloat16")
+@pytest.mark.slow_where(xp_backend="jax", causal=False)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_half_precision_within_documented_tolerance(xp_backend, rng, dtype, causal):
@@ -256,6 +273,8 @@ HALF_GRAD_TOL = 1e-2
 
 
 @pytest.mark.backends("torch", "jax")
+@pytest.mark.slow_where(xp_backend="jax", dtype="bfloat16")
+@pytest.mark.slow_where(xp_backend="jax", causal=False)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_half_precision_gradients_within_documented_tolerance(xp_backend, rng, dtype, causal):
@@ -279,6 +298,8 @@ def test_half_precision_gradients_within_documented_tolerance(xp_backend, rng, d
 # zero denominators, eps = 0, relu on negative inputs (item 3)
 
 
+@pytest.mark.slow_where(xp_backend=HEAVY, eps=1e-6)
+@pytest.mark.slow_where(xp_backend="jax", causal=False)
 @pytest.mark.parametrize("eps", [0.0, 1e-6])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_zero_denominator_rows_give_zeros(xp_backend, rng, eps, causal):
@@ -301,6 +322,7 @@ def test_zero_denominator_rows_give_zeros(xp_backend, rng, eps, causal):
 
 
 @pytest.mark.backends(*GRADS)   # the libraries with a gradient path
+@pytest.mark.slow_where(xp_backend="jax", eps=1e-6)
 @pytest.mark.parametrize("eps", [0.0, 1e-6])
 def test_zero_denominator_rows_have_zero_gradient(xp_backend, rng, eps):
     bk = xp_backend
@@ -323,6 +345,8 @@ def test_zero_denominator_rows_have_zero_gradient(xp_backend, rng, eps):
 # empty inputs (item 4)
 
 
+@pytest.mark.slow_where(xp_backend=HEAVY, causal=False, n=0)  # quick on jax, dask: (True, 0, 0), (False, 5, 0)
+@pytest.mark.slow_where(xp_backend="jax", causal=False)
 @pytest.mark.parametrize("causal, n, l", [(False, 0, 0), (True, 0, 0), (False, 0, 5), (False, 5, 0)])
 def test_empty_inputs(xp_backend, causal, n, l):
     bk = xp_backend

@@ -27,6 +27,7 @@ MAPS = [
 MAP_IDS = [k + "".join(f"-{a}={b}" for a, b in o.items()) for k, o in MAPS]
 
 
+@pytest.mark.slow_where(xp_backend="jax", kind=("ffn", "aoglu", "hedgehog", "relu"))  # jax quick: glu, favor, elu
 @pytest.mark.parametrize("kind,opts", MAPS, ids=MAP_IDS)
 def test_feature_map_matches_float64_reference(xp_backend, kind, opts, rng):
     H, d = 3, 12  # d not a power of two

@@ -160,6 +160,7 @@ def test_orthogonality_penalty_keeps_weights_orthogonal(sample):
 
 @pytest.mark.parametrize("lib", ["torch", "jax"])
 @pytest.mark.parametrize("loss", ["attention_kl", "output_mse"])
+@pytest.mark.slow_where(lib="jax", loss="output_mse")
 def test_manual_and_autodiff_paths_give_the_same_fit(sample, lib, loss):
     train, _ = sample.split(held_out=1)
     conv = torch.from_numpy if lib == "torch" else jnp.asarray
@@ -173,6 +174,7 @@ def test_manual_and_autodiff_paths_give_the_same_fit(sample, lib, loss):
         np.testing.assert_allclose(to_numpy(x), to_numpy(y), rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.slow_where(xp_backend="jax")  # quick: jax fits in test_manual_and_autodiff_paths_give_the_same_fit
 def test_fit_on_every_backend(xp_backend, sample):
     train, test = sample.split(held_out=1)
     mask = np.ones((3, 96), bool)

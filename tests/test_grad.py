@@ -158,6 +158,7 @@ def test_linear_attention_vjp_matches_torch_autograd(kind, opts, mode):
         assert _rel(a, b) <= 1e-6
 
 
+@pytest.mark.slow  # quick: jax.grad against the float64 definition in test_edges.py
 @pytest.mark.parametrize("mode", CORE_MODES, ids=CORE_IDS)
 @pytest.mark.parametrize("kind,opts", KINDS, ids=IDS)
 def test_linear_attention_vjp_matches_jax_grad(kind, opts, mode):
@@ -191,6 +192,9 @@ LOSS_KINDS = [("glu", {"depth": 2, "bias": True}), ("aoglu", {"depth": 3, "tied"
 
 @pytest.mark.parametrize("causal,masked,cross", [(False, True, True), (True, True, False), (False, False, False)],
                          ids=["cross-masked", "causal-masked", "plain"])
+@pytest.mark.slow_where(kind=("aoglu", "hedgehog", "ffn"))  # quick: glu, attention_kl, causal-masked
+@pytest.mark.slow_where(causal=False)
+@pytest.mark.slow_where(loss="output_mse")
 @pytest.mark.parametrize("loss", ["attention_kl", "output_mse"])
 @pytest.mark.parametrize("kind,opts", LOSS_KINDS, ids=[k + str(len(o)) for k, o in LOSS_KINDS])
 def test_value_and_grad_matches_torch_and_jax(kind, opts, loss, causal, masked, cross):
@@ -345,6 +349,9 @@ def test_fixed_map_gradient_tree_is_empty_and_favor_buffers_are_not_trained():
 @pytest.mark.parametrize("kind,opts", [("aoglu", {"depth": 2, "bias": True}), ("hedgehog", {"tied": False}),
                                        ("elu", {})], ids=["aoglu", "hedgehog", "elu"])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.slow_where(xp_backend=("jax", "dask"), kind="aoglu")  # quick on dask: hedgehog causal, elu
+@pytest.mark.slow_where(xp_backend=("jax", "dask"), kind="hedgehog", causal=False)
+@pytest.mark.slow_where(xp_backend="jax")  # quick: jax gradients in test_edges.py
 def test_vjp_on_every_backend(xp_backend, kind, opts, causal):
     phi64, q, k, v, mask, state, w, ws = _problem(kind, opts, causal, False, True, True, seed=9)
     ref = _manual(phi64, q, k, v, mask, state, w, ws, causal, "auto")
@@ -363,6 +370,7 @@ def test_vjp_on_every_backend(xp_backend, kind, opts, causal):
         assert _rel(x, r) <= 2e-5
 
 
+@pytest.mark.slow_where(xp_backend=("jax", "dask"), loss="output_mse")
 @pytest.mark.parametrize("loss", ["attention_kl", "output_mse"])
 def test_value_and_grad_on_every_backend(xp_backend, loss):
     rng = np.random.default_rng(10)

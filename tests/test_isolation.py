@@ -132,6 +132,9 @@ def _check(bk, case, *, causal, backend, method):
 PATHS = [("fast", "auto"), ("core", "auto"), ("core", "naive"), ("core", "recurrent")]
 
 
+# quick tier (-m "not slow"): every path on numpy, array_api_strict, torch and dask; jax (a compile
+# per example) on its fast path
+@pytest.mark.slow_where(xp_backend="jax", path="core")
 @pytest.mark.parametrize("path, method", PATHS, ids=[f"{p}-{m}" for p, m in PATHS])
 def test_causal_future_and_padding_never_leak(xp_backend, path, method):
     @SETTINGS
@@ -142,6 +145,7 @@ def test_causal_future_and_padding_never_leak(xp_backend, path, method):
     run()
 
 
+@pytest.mark.slow_where(xp_backend="jax")  # quick: jax's fast path in the causal test above
 @pytest.mark.parametrize("path", ["fast", "core"])
 def test_padding_never_leaks_noncausal(xp_backend, path):
     @SETTINGS
@@ -152,6 +156,7 @@ def test_padding_never_leaks_noncausal(xp_backend, path):
     run()
 
 
+@pytest.mark.slow_where(xp_backend="jax")  # quick: jax's fast path in test_causal_future_and_padding_never_leak
 def test_nonfinite_query_poisons_only_its_row(xp_backend, rng):
     bk = xp_backend
     q, k, v = rng.standard_normal((3, B, H, 9, D))

@@ -57,6 +57,9 @@ def _grads(fn, phi, q, k, v, w):
     return jax.tree_util.tree_leaves(jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(phi, q, k, v))
 
 
+# quick tier (-m "not slow"): one mesh variant (causal, uneven N) and the argument checks; the rest is slow
+@pytest.mark.slow_where(N=(64, 5))
+@pytest.mark.slow_where(causal=False)
 @pytest.mark.parametrize("N", [64, 37, 5], ids=["N=64", "N=37-uneven", "N=5-fewer-tokens-than-devices"])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_sharded_matches_single_device(mesh, causal, N):
@@ -86,6 +89,7 @@ def test_sharded_matches_single_device(mesh, causal, N):
         assert rel_rms_error(a, b) <= TOL
 
 
+@pytest.mark.slow
 def test_padding_never_enters_the_sums(mesh):
     # N = 37 is padded to 40 with masked keys: huge values there would show if they leaked
     B, H, N, d = 1, 2, 37, 4
@@ -98,6 +102,7 @@ def test_padding_never_enters_the_sums(mesh):
             assert rel_rms_error(out, want) <= TOL
 
 
+@pytest.mark.slow
 def test_cross_attention_and_callable_map(mesh):
     B, H, N, L, d = 2, 2, 19, 45, 4
     q, k, v, w, mask = _inputs(B, H, N, L, d, 3, masked=True)
@@ -117,6 +122,7 @@ def test_cross_attention_and_callable_map(mesh):
         assert rel_rms_error(a, b) <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_initial_and_final_state(mesh, causal):
     B, H, N, d = 2, 2, 30, 4
@@ -145,6 +151,7 @@ def test_initial_and_final_state(mesh, causal):
     assert rel_rms_error(g1, g0) <= TOL
 
 
+@pytest.mark.slow
 def test_data_and_sequence_parallel_2d_mesh():
     mesh2 = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(AxisType.Auto, AxisType.Auto))
     B, H, N, d = 4, 2, 26, 4
@@ -166,6 +173,7 @@ def test_data_and_sequence_parallel_2d_mesh():
         assert rel_rms_error(a, b) <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_explicit_mesh_axes(causal):
     """jax.make_mesh's default axis type (Explicit): inputs are placed, ragged outputs cut, gradients flow."""
@@ -185,6 +193,7 @@ def test_explicit_mesh_axes(causal):
     assert rel_rms_error(g1, g0) <= TOL
 
 
+@pytest.mark.slow
 def test_bfloat16_inputs(mesh):
     q, k, v, w, mask = _inputs(2, 2, 40, 40, 8, 8, masked=True, dtype=jnp.bfloat16)
     phi = ka.feature_map("glu", num_heads=2, head_dim=8, seed=0, xp=jnp)
@@ -194,6 +203,7 @@ def test_bfloat16_inputs(mesh):
     assert rel_rms_error(out, want) <= 5e-3
 
 
+@pytest.mark.slow
 def test_inside_jit_with_inputs_placed_on_the_mesh(mesh):
     B, H, N, d = 1, 2, 64, 4
     q, k, v, w, mask = _inputs(B, H, N, N, d, d, masked=False)

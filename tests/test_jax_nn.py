@@ -34,6 +34,8 @@ def _x(shape, seed=0):
 # ---------------------------------------------------------------------------- FeatureMap module
 
 
+@pytest.mark.slow_where(kind=("ffn", "aoglu", "hedgehog"))  # quick: glu (trainable), favor (fixed)
+@pytest.mark.slow_where(kind="glu", opts={"tied": False})
 @pytest.mark.parametrize("kind,opts", KINDS, ids=KIND_IDS)
 def test_seeded_module_equals_the_core_map(kind, opts):
     H, d = 2, 8
@@ -51,6 +53,8 @@ def test_seeded_module_equals_the_core_map(kind, opts):
     assert n_params == ka.num_params(phi)
 
 
+@pytest.mark.slow_where(kind=("ffn", "aoglu", "hedgehog", "favor"))  # quick: glu (favor: the test above)
+@pytest.mark.slow_where(kind="glu", opts={"tied": False})
 @pytest.mark.parametrize("kind,opts", KINDS, ids=KIND_IDS)
 def test_rngs_initialisation_follows_the_paper(kind, opts):
     H, d = 8, 64
@@ -144,6 +148,7 @@ _manual = nnx.jit(lambda attn, x, context, key_mask, causal: _manual_attention(a
                   static_argnums=4)
 
 
+@pytest.mark.slow_where(causal=True)  # quick: causal in test_modules_reference.py::test_flax_module_matches_definition
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_multihead_attention_equals_the_formula(causal):
     attn = MultiheadLinearAttention(24, 3, feature_map="glu", depth=2, causal=causal, rngs=nnx.Rngs(0))
@@ -170,6 +175,7 @@ def test_cross_attention_and_padding():
     assert rel_rms_error(_call(attn, x, noisy, key_mask=mask), out) <= 1e-6
 
 
+@pytest.mark.slow  # the torch block's twin in test_torch_nn.py stays quick
 def test_encoder_block_is_pre_layernorm():
     block = EncoderBlock(16, 2, mlp_features=24, dropout=0.5, feature_map="aoglu", rank=2, rngs=nnx.Rngs(0))
     x = _x((2, 9, 16))
@@ -214,6 +220,7 @@ def test_module_gradients_match_the_core(monkeypatch):
     assert all(float(jnp.max(jnp.abs(g))) > 0 for g in kernel_grads)
 
 
+@pytest.mark.slow  # a training loop; quick: test_module_gradients_match_the_core
 def test_nnx_optimizer_trains_the_kernel_and_skips_buffers():
     model = MultiheadLinearAttention(16, 2, feature_map="favor", rngs=nnx.Rngs(0))
     glu = MultiheadLinearAttention(16, 2, feature_map="glu", rngs=nnx.Rngs(0))
@@ -242,6 +249,7 @@ def test_nnx_optimizer_trains_the_kernel_and_skips_buffers():
 # ---------------------------------------------------------------------------- plain pytrees + optax
 
 
+@pytest.mark.slow  # a training loop; quick: test_nnx_optimizer_trains_the_kernel_and_skips_buffers
 def test_optax_trains_a_plain_feature_map():
     H, d = 2, 8
     q, k, v = (_x((4, H, 16, d), seed=s) for s in range(3))
@@ -276,6 +284,7 @@ def _load_example():
     return module
 
 
+@pytest.mark.slow  # a long end-to-end run
 def test_training_example_runs_and_learns(capsys):
     example = _load_example()
     result = example.main(["--steps", "60", "--fit-steps", "30"])

@@ -59,8 +59,16 @@ def phi_of(seed=0):
 
 CASES = [(False, False), (False, True), (True, False), (True, True)]
 IDS = [f"{'causal' if c else 'noncausal'}-{'mask' if m else 'nomask'}" for c, m in CASES]
+#: quick tier (-m "not slow"): every case on numpy, array_api_strict and torch; on dask (a graph per
+#: case) causal-mask, plus noncausal-nomask where a test has a path axis; on jax (a compile per
+#: shape) the fast path causal-mask and jit
+HEAVY = ("jax", "dask")
 
 
+@pytest.mark.slow_where(xp_backend=HEAVY, causal=False, masked=True)
+@pytest.mark.slow_where(xp_backend=HEAVY, causal=True, masked=False)
+@pytest.mark.slow_where(xp_backend="jax", backend="agnostic")
+@pytest.mark.slow_where(xp_backend="jax", causal=False)
 @pytest.mark.parametrize("causal, masked", CASES, ids=IDS)
 @pytest.mark.parametrize("backend", [None, "agnostic"], ids=["fast", "core"])
 def test_bnhd_equals_bhnd_and_definition(xp_backend, rng, causal, masked, backend):
@@ -80,6 +88,7 @@ def test_bnhd_equals_bhnd_and_definition(xp_backend, rng, causal, masked, backen
     assert rel(T(to_numpy(out)), ref) < 1e-5
 
 
+@pytest.mark.slow_where(xp_backend="jax")
 def test_cross_attention_bnhd(xp_backend, rng):
     bk = xp_backend
     q, k, v, _ = data(rng, n=5, L=9)
@@ -112,6 +121,7 @@ def test_states_are_bhmd_in_both_layouts(xp_backend, rng, causal):
     assert rel(to_numpy(S), rS) < 1e-5 and rel(to_numpy(z), rz) < 1e-5
 
 
+@pytest.mark.slow_where(xp_backend="jax")
 def test_step_bnhd(xp_backend, rng):
     """A BNHD prompt, then single (B, H, d) tokens, then a BNHD chunk: the causal attention of the whole."""
     bk = xp_backend
@@ -143,6 +153,9 @@ def test_step_bnhd(xp_backend, rng):
     assert tuple(state.S.shape) == (B, H, D, D + 1)
 
 
+@pytest.mark.slow_where(xp_backend=HEAVY, causal=False)
+@pytest.mark.slow_where(xp_backend=HEAVY, masked=False)
+@pytest.mark.slow_where(xp_backend="jax")
 @pytest.mark.parametrize("causal, masked", CASES, ids=IDS)
 def test_softmax_bnhd(xp_backend, rng, causal, masked):
     bk = xp_backend
@@ -156,6 +169,9 @@ def test_softmax_bnhd(xp_backend, rng, causal, masked):
     assert rel(T(to_numpy(out)), ref) < 1e-5
 
 
+@pytest.mark.slow_where(xp_backend=HEAVY, causal=False)
+@pytest.mark.slow_where(xp_backend=HEAVY, masked=False)
+@pytest.mark.slow_where(xp_backend="jax")
 @pytest.mark.parametrize("causal, masked", CASES, ids=IDS)
 def test_hand_vjp_bnhd(xp_backend, rng, causal, masked):
     bk = xp_backend
@@ -195,6 +211,7 @@ def test_hand_vjp_bnhd_g_out_shape_is_checked():
 
 
 @pytest.mark.backends("torch", "jax")
+@pytest.mark.slow_where(xp_backend="jax")  # quick: torch here, jax under jit below
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_autodiff_through_bnhd(xp_backend, rng, causal):
     """torch autograd and jax.grad (under jit) flow through the layout's transposes."""

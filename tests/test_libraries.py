@@ -85,6 +85,7 @@ def test_jax_arrays_and_pytree(rng):
         rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # a fresh interpreter that imports JAX
 def test_feature_map_made_before_jax_import_is_a_pytree_after(tmp_path):
     import subprocess
     import sys

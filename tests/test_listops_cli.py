@@ -47,6 +47,7 @@ def test_stop_and_resume_from_the_command_line(tmp_path, capsys):
     assert not (tmp_path / "run" / "curves.png").exists()
 
 
+@pytest.mark.slow  # a long end-to-end run
 def test_study_table(tmp_path, capsys):
     out = tmp_path / "study"
     assert main(["listops", "--preset", "tiny", "--attention", "softmax,glu", "--seeds", "0,1", "--steps", "6",
@@ -90,6 +91,7 @@ def test_summary_tables_from_runs():
     assert "     - 30.0 ± 10.0" in study_rst(study)
 
 
+@pytest.mark.slow  # a long end-to-end run
 def test_measure_step_in_process_and_longer():
     cfg = PRESETS["tiny"]
     m = measure_step(cfg, device="cpu", repeats=2, subprocess_=False)
@@ -123,6 +125,7 @@ def test_module_entry_point_help():
     assert "--preset" in proc.stdout and "--study" in proc.stdout
 
 
+@pytest.mark.slow  # a long end-to-end run
 def test_training_in_a_pipe_writes_no_carriage_return(tmp_path):
     """Progress bars stay on by default but only reach a terminal, never a pipe or a log."""
     res = subprocess.run([sys.executable, "-m", "kernelattn", "listops", "--preset", "tiny", "--steps", "3",

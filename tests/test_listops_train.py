@@ -99,6 +99,7 @@ def test_training_run_writes_results_and_follows_the_schedule(tmp_path, data_dir
 
 
 @pytest.mark.parametrize("attention", ["softmax", "aoglu3"])
+@pytest.mark.slow  # ListOps training
 def test_deterministic_for_a_seed(tmp_path, data_dir, attention):
     cfg = replace(TINY, attention=attention, steps=12)  # dropout 0.1 in the tiny model: the RNG matters
     a = _quiet(cfg, tmp_path / "a", data_dir)
@@ -110,6 +111,7 @@ def test_deterministic_for_a_seed(tmp_path, data_dir, attention):
     assert a["train_curve"] != c["train_curve"]
 
 
+@pytest.mark.slow  # ListOps training
 def test_resume_equals_uninterrupted(tmp_path, data_dir):
     cfg = replace(TINY, attention="glu2", accumulate=2, ortho_weight=0.05, steps=16, eval_every=5)
     full = _quiet(cfg, tmp_path / "full", data_dir)
@@ -128,6 +130,7 @@ def test_resume_equals_uninterrupted(tmp_path, data_dir):
         _quiet(replace(cfg, steps=20), tmp_path / "cut", data_dir)
 
 
+@pytest.mark.slow  # ListOps training
 def test_ctrl_c_mid_step_resumes_from_the_last_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
     import kernelattn.listops.train as lt
 
@@ -151,6 +154,7 @@ def test_ctrl_c_mid_step_resumes_from_the_last_checkpoint(tmp_path, data_dir, mo
     assert all(torch.equal(s_full[k], s_res[k]) for k in s_full)
 
 
+@pytest.mark.slow  # ListOps training
 def test_gradient_accumulation_equals_a_big_batch(tmp_path, data_dir):
     base = replace(TINY, attention="glu", steps=3, model=replace(TINY.model, dropout=0.0, attention_dropout=0.0))
     big = _quiet(replace(base, batch_size=16, accumulate=1), tmp_path / "big", data_dir)
@@ -161,6 +165,7 @@ def test_gradient_accumulation_equals_a_big_batch(tmp_path, data_dir):
         torch.testing.assert_close(s_acc[k], s_big[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # ListOps training
 def test_time_budget_stops_and_still_tests(tmp_path, data_dir):
     res = _quiet(replace(TINY, steps=10_000), tmp_path, data_dir, max_time=0.0)
     assert res["status"] == "time budget" and res["steps"] == 0

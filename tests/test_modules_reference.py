@@ -64,6 +64,7 @@ def test_torch_module_matches_definition(causal):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.slow_where(causal=False)
 def test_flax_module_matches_definition(causal):
     import flax.nnx as nnx  # flax, like torch, is in the test extra: missing means failing
     import jax

@@ -73,6 +73,7 @@ def test_adamw_matches_torch(wd, warmup):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.slow  # quick: the schedule against torch in test_adam_matches_torch, test_adamw_matches_torch
 def test_adamw_matches_optax_with_the_papers_schedule():
     warmup = 3
     sched = inverse_sqrt_warmup(warmup)

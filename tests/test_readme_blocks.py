@@ -112,7 +112,15 @@ def test_blocks_found():
     assert sum(i.startswith("docs/index.rst") for i in ids) >= 1, ids
 
 
-@pytest.mark.parametrize("code", all_blocks())
+def _slow_if_heavy(p):
+    """Quick tier (-m "not slow"): a block that imports torch, JAX or Flax in a fresh interpreter is
+    slow; the NumPy blocks stay quick."""
+    code = p.values[0]
+    heavy = {m.split(".")[0] for m in imported_modules(code)} & {"torch", "jax", "flax"}
+    return pytest.param(*p.values, id=p.id, marks=[*p.marks, pytest.mark.slow] if heavy else p.marks)
+
+
+@pytest.mark.parametrize("code", [_slow_if_heavy(p) for p in all_blocks()])
 def test_block_runs(code, tmp_path):
     skip_unless_installed(code)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -281,6 +281,7 @@ def test_a_small_model_trains():
 # torch.compile (cold compiles cost ~20 s each: two, small)
 
 
+@pytest.mark.slow  # torch.compile
 def test_compile_fullgraph_training_step_matches_eager():
     layer = LinearTransformerEncoderLayer(16, 2, 32, feature_map="glu", causal=True, dropout=0.0, seed=0)
     x = _x(2, 20, 16)
@@ -298,6 +299,7 @@ def test_compile_fullgraph_training_step_matches_eager():
         assert rel_rms_error(a, b) < 1e-5
 
 
+@pytest.mark.slow  # torch.compile
 def test_compile_fullgraph_inference_matches_eager():
     attn = MultiheadLinearAttention(16, 2, feature_map="ffn", seed=0).eval()
     x = _x(2, 20, 16)
