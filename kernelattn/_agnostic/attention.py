@@ -17,6 +17,10 @@ Three causal strategies compute the same numbers:
   never an (N, m, e) tensor;
 * ``recurrent``: the state updated one token at a time.
 
+Each forward is written once: ``noncausal_forward``, ``quadratic_forward`` and
+``chunked_forward`` serve both the plain forwards here and the hand VJPs of
+:mod:`.grad`, which ask them (``save=True``) to keep what the backward needs.
+
 Inputs of float16/bfloat16 are computed in float32 and cast back; states stay
 in float32.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import math
 
+from .. import _compat
 from .._compat import device as _device
 from ._utils import cast, compute_dtype, swap_last
 
@@ -83,11 +88,23 @@ def _readout(fq, state, *, xp):
     return xp.matmul(fq, S), xp.matmul(fq, z[..., None])
 
 
-def noncausal(fq, fk, v, *, eps, initial_state=None, return_state=False, xp):
-    """Non-causal linear attention on features; any N and L (cross-attention)."""
+def noncausal_forward(fq, fk, v, *, eps, initial_state=None, save=False, xp):
+    """The non-causal forward, once for :func:`noncausal` and the hand VJP.
+
+    Returns ``(out, state, saved)``: the state (S, z) after every key
+    (initial state included) and, if ``save``, ``saved = {"r": 1 / (den +
+    eps)}`` (B, H, N, 1), 0 where den = 0 (else None).
+    """
     state = _add_state(initial_state, state_of(fk, v, xp=xp))
     num, den = _readout(fq, state, xp=xp)
-    return normalise(num, den, eps, xp=xp), (state if return_state else None)
+    saved = {"r": inverse_den(den, eps, xp=xp)} if save else None
+    return normalise(num, den, eps, xp=xp), state, saved
+
+
+def noncausal(fq, fk, v, *, eps, initial_state=None, return_state=False, xp):
+    """Non-causal linear attention on features; any N and L (cross-attention)."""
+    out, state, _ = noncausal_forward(fq, fk, v, eps=eps, initial_state=initial_state, xp=xp)
+    return out, (state if return_state else None)
 
 
 def _causal_mask(n, l, *, device, xp):
@@ -96,9 +113,16 @@ def _causal_mask(n, l, *, device, xp):
     return j <= i
 
 
-def quadratic(fq, fk, v, *, causal, eps, initial_state=None, return_state=False, xp):
-    """The O(N L) form: A = phi(Q) phi(K)^T, masked below the diagonal if causal."""
+def quadratic_forward(fq, fk, v, *, causal, eps, initial_state=None, return_state=False, save=False, xp):
+    """The O(N L) forward, once for :func:`quadratic` and the hand VJP.
+
+    Returns ``(out, state, saved)``: the state after every key when
+    ``return_state`` or ``save`` (else None) and, if ``save``, ``saved`` with
+    ``"A"`` (B, H, N, L) the masked product, ``"keep"`` the causal mask (or
+    None) and ``"r"`` = 1 / (den + eps) (B, H, N, 1), 0 where den = 0.
+    """
     A = xp.matmul(fq, swap_last(fk, xp=xp))
+    keep = None
     if causal:
         keep = _causal_mask(fq.shape[-2], fk.shape[-2], device=_device(fq), xp=xp)
         A = xp.where(keep, A, xp.zeros_like(A))
@@ -108,9 +132,17 @@ def quadratic(fq, fk, v, *, causal, eps, initial_state=None, return_state=False,
         n0, d0 = _readout(fq, initial_state, xp=xp)
         num, den = num + n0, den + d0
     state = None
-    if return_state:
+    if return_state or save:
         state = _add_state(initial_state, state_of(fk, v, xp=xp))
-    return normalise(num, den, eps, xp=xp), state
+    saved = {"A": A, "keep": keep, "r": inverse_den(den, eps, xp=xp)} if save else None
+    return normalise(num, den, eps, xp=xp), state, saved
+
+
+def quadratic(fq, fk, v, *, causal, eps, initial_state=None, return_state=False, xp):
+    """The O(N L) form: A = phi(Q) phi(K)^T, masked below the diagonal if causal."""
+    out, state, _ = quadratic_forward(fq, fk, v, causal=causal, eps=eps, initial_state=initial_state,
+                                      return_state=return_state, xp=xp)
+    return out, state
 
 
 def _pad_tokens(x, pad, *, xp):
@@ -129,6 +161,20 @@ def exclusive_prefix(x, *, axis, xp):
     n = x.shape[axis]
     if n <= 1:
         return xp.zeros_like(x)
+    if _compat.is_numpy_namespace(xp) or _compat.is_array_api_strict_namespace(xp):
+        # NumPy's cumulative sum along a leading axis is about 10x slower than n - 1
+        # additions of whole slices; these give the same sums, in the same order
+        def entry(i):
+            index = [slice(None)] * x.ndim
+            index[axis] = i
+            return x[tuple(index)]
+
+        acc = xp.zeros_like(entry(0))
+        parts = [acc]
+        for i in range(n - 1):
+            acc = acc + entry(i)
+            parts.append(acc)
+        return xp.stack(parts, axis=axis)
     head = [slice(None)] * x.ndim
     head[axis] = slice(0, n - 1)
     zero = [slice(None)] * x.ndim
@@ -153,30 +199,65 @@ def _no_tokens(fq, v, *, initial_state, return_state, xp):
     return out, tuple(initial_state)
 
 
-def chunked(fq, fk, v, *, eps, chunk_size=64, initial_state=None, return_state=False, xp):
-    """Causal linear attention by chunks of ``chunk_size`` tokens (N = L).
+def chunk_tokens(x, C, *, xp):
+    """(B, H, n, f) -> (B, H, n_c, C, f): zero-padded to a multiple of C, then split into chunks."""
+    B, H, n, f = x.shape
+    nc = -(-n // C)
+    return xp.reshape(_pad_tokens(x, nc * C - n, xp=xp), (B, H, nc, C, f))
+
+
+def unchunk_tokens(x, n, *, xp):
+    """The inverse of :func:`chunk_tokens`: (B, H, n_c, C, f) -> (B, H, n, f), padded rows dropped."""
+    B, H, nc, C, f = x.shape
+    x = xp.reshape(x, (B, H, nc * C, f))
+    return x[:, :, :n, :] if nc * C != n else x
+
+
+def chunk_scores(fq_c, fk_c, keep, *, xp):
+    """The masked products inside each chunk, phi(Q_c) phi(K_c)^T below the diagonal (B, H, n_c, C, C)."""
+    A = xp.matmul(fq_c, swap_last(fk_c, xp=xp))
+    return xp.where(keep, A, xp.zeros_like(A))
+
+
+class ChunkedSaved:
+    """What :func:`chunked_forward` keeps for the backward (``save=True``).
+
+    All in the chunked layout (B, H, n_c, C, ...), zero-padded: the chunked
+    inputs ``fq``, ``fk``, ``v``; the (C, C) causal mask ``keep``; the
+    exclusive prefix states ``S_prev`` (B, H, n_c, m, e) and ``z_prev``
+    (B, H, n_c, m), the state before each chunk, initial state included;
+    ``r`` = 1 / (den + eps) (B, H, n_c, C, 1), 0 where den = 0; and the
+    normalised output ``out`` (B, H, n_c, C, e). Never an (N, m, e) tensor.
+    """
+
+    __slots__ = ("fq", "fk", "v", "keep", "S_prev", "z_prev", "r", "out")
+
+    def __init__(self, **kw):
+        for key, val in kw.items():
+            setattr(self, key, val)
+
+
+def chunked_forward(fq, fk, v, *, eps, chunk_size=64, initial_state=None, return_state=False, save=False, xp):
+    """The causal forward by chunks (N = L >= 1), once for :func:`chunked` and the hand VJP.
 
     Inside a chunk: the masked product (C, C). Between chunks: the exclusive
     prefix sum of the per-chunk states, shape (N/C, m, e). The sequence is
     zero-padded to a multiple of C; padded rows are dropped from the output.
+
+    Returns ``(out, state, saved)``: ``state`` the state after the last token
+    when ``return_state`` or ``save`` (else None); ``saved`` a
+    :class:`ChunkedSaved` when ``save`` (else None).
     """
-    B, H, N, m = fq.shape
-    e = v.shape[-1]
-    if N == 0:
-        return _no_tokens(fq, v, initial_state=initial_state, return_state=return_state, xp=xp)
+    N = fq.shape[-2]
     C = max(1, min(chunk_size, N))
-    nc = -(-N // C)
-    pad = nc * C - N
-    fq_c = xp.reshape(_pad_tokens(fq, pad, xp=xp), (B, H, nc, C, m))
-    fk_c = xp.reshape(_pad_tokens(fk, pad, xp=xp), (B, H, nc, C, m))
-    v_c = xp.reshape(_pad_tokens(v, pad, xp=xp), (B, H, nc, C, e))
+    fq_c, fk_c, v_c = (chunk_tokens(a, C, xp=xp) for a in (fq, fk, v))
 
     # intra-chunk: exact masked products
-    A = xp.matmul(fq_c, swap_last(fk_c, xp=xp))
     keep = _causal_mask(C, C, device=_device(fq), xp=xp)
-    A = xp.where(keep, A, xp.zeros_like(A))
+    A = chunk_scores(fq_c, fk_c, keep, xp=xp)
     num = xp.matmul(A, v_c)
     den = xp.sum(A, axis=-1, keepdims=True)
+    del A
 
     # inter-chunk: states of all earlier chunks
     S_c, z_c = state_of(fk_c, v_c, xp=xp)  # (B, H, nc, m, e), (B, H, nc, m)
@@ -187,12 +268,23 @@ def chunked(fq, fk, v, *, eps, chunk_size=64, initial_state=None, return_state=F
     num = num + xp.matmul(fq_c, S_prev)
     den = den + xp.matmul(fq_c, z_prev[..., None])
 
-    out = xp.reshape(normalise(num, den, eps, xp=xp), (B, H, nc * C, e))
-    if pad:
-        out = out[:, :, :N, :]
+    out_c = normalise(num, den, eps, xp=xp)
     state = None
-    if return_state:
+    if return_state or save:
         state = (S_prev[:, :, -1, ...] + S_c[:, :, -1, ...], z_prev[:, :, -1, ...] + z_c[:, :, -1, ...])
+    saved = None
+    if save:
+        saved = ChunkedSaved(fq=fq_c, fk=fk_c, v=v_c, keep=keep, S_prev=S_prev, z_prev=z_prev,
+                             r=inverse_den(den, eps, xp=xp), out=out_c)
+    return unchunk_tokens(out_c, N, xp=xp), state, saved
+
+
+def chunked(fq, fk, v, *, eps, chunk_size=64, initial_state=None, return_state=False, xp):
+    """Causal linear attention by chunks of ``chunk_size`` tokens (N = L); see :func:`chunked_forward`."""
+    if fq.shape[-2] == 0:
+        return _no_tokens(fq, v, initial_state=initial_state, return_state=return_state, xp=xp)
+    out, state, _ = chunked_forward(fq, fk, v, eps=eps, chunk_size=chunk_size, initial_state=initial_state,
+                                    return_state=return_state, xp=xp)
     return out, state
 
 

@@ -200,11 +200,9 @@ def orthogonality_penalty_vjp(weights, *, xp):
 
 
 def _noncausal_vjp(fq, fk, v, *, eps, initial_state, xp):
-    S, z = _att.state_of(fk, v, xp=xp)
-    if initial_state is not None:
-        S, z = S + initial_state[0], z + initial_state[1]
-    r = _att.inverse_den(xp.matmul(fq, z[..., None]), eps, xp=xp)  # (B, H, N, 1)
-    out = xp.matmul(fq, S) * r
+    """Non-causal: the forward of :func:`attention.noncausal_forward`, then its VJP."""
+    out, (S, z), saved = _att.noncausal_forward(fq, fk, v, eps=eps, initial_state=initial_state, save=True, xp=xp)
+    r = saved["r"]  # (B, H, N, 1)
 
     def vjp(g, g_state):
         g_num = g * r
@@ -222,22 +220,10 @@ def _noncausal_vjp(fq, fk, v, *, eps, initial_state, xp):
 
 
 def _quadratic_vjp(fq, fk, v, *, causal, eps, initial_state, xp):
-    """The O(N L) form (``method="naive"``)."""
-    A = xp.matmul(fq, swap_last(fk, xp=xp))
-    keep = None
-    if causal:
-        keep = _att._causal_mask(fq.shape[-2], fk.shape[-2], device=_device(fq), xp=xp)
-        A = xp.where(keep, A, xp.zeros_like(A))
-    num = xp.matmul(A, v)
-    den = xp.sum(A, axis=-1, keepdims=True)
-    if initial_state is not None:
-        num = num + xp.matmul(fq, initial_state[0])
-        den = den + xp.matmul(fq, initial_state[1][..., None])
-    r = _att.inverse_den(den, eps, xp=xp)
-    out = num * r
-    S, z = _att.state_of(fk, v, xp=xp)
-    if initial_state is not None:
-        S, z = S + initial_state[0], z + initial_state[1]
+    """The O(N L) form (``method="naive"``): the forward of :func:`attention.quadratic_forward`, then its VJP."""
+    out, (S, z), saved = _att.quadratic_forward(fq, fk, v, causal=causal, eps=eps, initial_state=initial_state,
+                                                save=True, xp=xp)
+    A, keep, r = saved["A"], saved["keep"], saved["r"]
 
     def vjp(g, g_state):
         g_num = g * r
@@ -262,70 +248,46 @@ def _quadratic_vjp(fq, fk, v, *, causal, eps, initial_state, xp):
 
 
 def _chunked_vjp(fq, fk, v, *, eps, chunk_size, initial_state, xp):
-    """Causal linear attention, forward and backward by chunks of C tokens carrying the state."""
+    """Causal linear attention by chunks: the forward of :func:`attention.chunked_forward`, then its VJP.
+
+    The backward reads the forward's saved chunked layout (prefix states,
+    1 / den, outputs) and is a reverse pass over the chunks: the keys of a
+    chunk reach later queries only through the state, so the pass carries its
+    gradient (dS, dz), holding one chunk's (C, C), (C, m) and (m, e) pieces at
+    a time.
+    """
     B, H, N, m = fq.shape
     e = v.shape[-1]
-    C = max(1, min(chunk_size, N))
-    bounds = [(s, min(s + C, N)) for s in range(0, N, C)]
-    dev = _device(fq)
-    if initial_state is None:
-        S = xp.zeros((B, H, m, e), dtype=fq.dtype, device=dev)
-        z = xp.zeros((B, H, m), dtype=fq.dtype, device=dev)
-    else:
-        S, z = initial_state
-    masks = {}
-
-    def tril(n):
-        if n not in masks:
-            masks[n] = _att._causal_mask(n, n, device=dev, xp=xp)
-        return masks[n]
-
-    prefix, outs, rs = [], [], []
-    for s0, s1 in bounds:
-        fq_c, fk_c, v_c = fq[:, :, s0:s1, :], fk[:, :, s0:s1, :], v[:, :, s0:s1, :]
-        A = xp.matmul(fq_c, swap_last(fk_c, xp=xp))
-        A = xp.where(tril(s1 - s0), A, xp.zeros_like(A))
-        num = xp.matmul(A, v_c) + xp.matmul(fq_c, S)
-        den = xp.sum(A, axis=-1, keepdims=True) + xp.matmul(fq_c, z[..., None])
-        r = _att.inverse_den(den, eps, xp=xp)
-        prefix.append((S, z))
-        outs.append(num * r)
-        rs.append(r)
-        S = S + xp.matmul(swap_last(fk_c, xp=xp), v_c)
-        z = z + xp.sum(fk_c, axis=-2)
-    out = xp.concat(outs, axis=2) if len(outs) > 1 else outs[0]
+    out, state, sv = _att.chunked_forward(fq, fk, v, eps=eps, chunk_size=chunk_size, initial_state=initial_state,
+                                          save=True, xp=xp)
+    nc, C = sv.fq.shape[2], sv.fq.shape[3]
 
     def vjp(g, g_state):
         if g_state is None:
-            dS = xp.zeros((B, H, m, e), dtype=fq.dtype, device=dev)
-            dz = xp.zeros((B, H, m), dtype=fq.dtype, device=dev)
+            dS = xp.zeros((B, H, m, e), dtype=fq.dtype, device=_device(fq))
+            dz = xp.zeros((B, H, m), dtype=fq.dtype, device=_device(fq))
         else:
             dS, dz = g_state  # gradient w.r.t. the state after the last chunk
-        gfq, gfk, gv = [], [], []
-        for c in range(len(bounds) - 1, -1, -1):
-            s0, s1 = bounds[c]
-            fq_c, fk_c, v_c = fq[:, :, s0:s1, :], fk[:, :, s0:s1, :], v[:, :, s0:s1, :]
-            S_prev, z_prev = prefix[c]
-            keep = tril(s1 - s0)
-            g_c = g[:, :, s0:s1, :]
-            g_num = g_c * rs[c]
-            g_den = -xp.sum(g_c * outs[c], axis=-1, keepdims=True) * rs[c]
-            A = xp.matmul(fq_c, swap_last(fk_c, xp=xp))
-            A = xp.where(keep, A, xp.zeros_like(A))
-            gA = xp.matmul(g_num, swap_last(v_c, xp=xp)) + g_den
-            gA = xp.where(keep, gA, xp.zeros_like(gA))
-            gfq.append(xp.matmul(gA, fk_c) + xp.matmul(g_num, swap_last(S_prev, xp=xp))
-                       + g_den * z_prev[..., None, :])
+        g_c = _att.chunk_tokens(g, C, xp=xp)  # padded rows: r = 0 there, so no gradient
+        g_num = g_c * sv.r
+        g_den = -xp.sum(g_c * sv.out, axis=-1, keepdims=True) * sv.r
+        gfq, gfk, gv = [None] * nc, [None] * nc, [None] * nc
+        for c in range(nc - 1, -1, -1):
+            fq_c, fk_c, v_c = sv.fq[:, :, c, ...], sv.fk[:, :, c, ...], sv.v[:, :, c, ...]
+            g_num_c, g_den_c = g_num[:, :, c, ...], g_den[:, :, c, ...]
+            A = _att.chunk_scores(fq_c, fk_c, sv.keep, xp=xp)  # the forward's (C, C) product, recomputed
+            gA = xp.matmul(g_num_c, swap_last(v_c, xp=xp)) + g_den_c
+            gA = xp.where(sv.keep, gA, xp.zeros_like(gA))
+            gfq[c] = (xp.matmul(gA, fk_c) + xp.matmul(g_num_c, swap_last(sv.S_prev[:, :, c, ...], xp=xp))
+                      + g_den_c * sv.z_prev[:, :, c, ...][..., None, :])
             # keys of this chunk reach later queries through the carried state (dS, dz)
-            gfk.append(xp.matmul(swap_last(gA, xp=xp), fq_c) + xp.matmul(v_c, swap_last(dS, xp=xp))
-                       + dz[..., None, :])
-            gv.append(xp.matmul(swap_last(A, xp=xp), g_num) + xp.matmul(fk_c, dS))
-            dS = dS + xp.matmul(swap_last(fq_c, xp=xp), g_num)
-            dz = dz + xp.matmul(swap_last(fq_c, xp=xp), g_den)[..., 0]
-        cat = (lambda parts: xp.concat(parts[::-1], axis=2)) if len(bounds) > 1 else (lambda parts: parts[0])
-        return cat(gfq), cat(gfk), cat(gv), (dS, dz)
+            gfk[c] = xp.matmul(swap_last(gA, xp=xp), fq_c) + xp.matmul(v_c, swap_last(dS, xp=xp)) + dz[..., None, :]
+            gv[c] = xp.matmul(swap_last(A, xp=xp), g_num_c) + xp.matmul(fk_c, dS)
+            dS = dS + xp.matmul(swap_last(fq_c, xp=xp), g_num_c)
+            dz = dz + xp.matmul(swap_last(fq_c, xp=xp), g_den_c)[..., 0]
+        return tuple(_att.unchunk_tokens(xp.stack(parts, axis=2), N, xp=xp) for parts in (gfq, gfk, gv)) + ((dS, dz),)
 
-    return out, (S, z), vjp
+    return out, state, vjp
 
 
 def attention_on_features_vjp(fq, fk, v, *, causal, eps, method="auto", chunk_size=64, key_mask=None,
