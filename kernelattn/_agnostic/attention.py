@@ -69,6 +69,18 @@ def normalise(num, den, eps, *, xp):
     return xp.where(ok, num / safe, xp.zeros_like(num))
 
 
+def _finish(num, den, eps, save, *, xp):
+    """The output, and 1 / (den + eps) (0 where den = 0) if ``save``, else None.
+
+    Saving, the output is ``num * r`` with that ``r``, the form the hand VJP
+    differentiates (the same numbers to rounding as :func:`normalise`).
+    """
+    if not save:
+        return normalise(num, den, eps, xp=xp), None
+    r = inverse_den(den, eps, xp=xp)
+    return num * r, r
+
+
 def state_of(fk, v, *, xp):
     """(S, z) of a block of keys: S = phi(K)^T V (B, H, m, e), z = sum phi(K) (B, H, m)."""
     return xp.matmul(swap_last(fk, xp=xp), v), xp.sum(fk, axis=-2)
@@ -97,8 +109,8 @@ def noncausal_forward(fq, fk, v, *, eps, initial_state=None, save=False, xp):
     """
     state = _add_state(initial_state, state_of(fk, v, xp=xp))
     num, den = _readout(fq, state, xp=xp)
-    saved = {"r": inverse_den(den, eps, xp=xp)} if save else None
-    return normalise(num, den, eps, xp=xp), state, saved
+    out, r = _finish(num, den, eps, save, xp=xp)
+    return out, state, ({"r": r} if save else None)
 
 
 def noncausal(fq, fk, v, *, eps, initial_state=None, return_state=False, xp):
@@ -134,8 +146,8 @@ def quadratic_forward(fq, fk, v, *, causal, eps, initial_state=None, return_stat
     state = None
     if return_state or save:
         state = _add_state(initial_state, state_of(fk, v, xp=xp))
-    saved = {"A": A, "keep": keep, "r": inverse_den(den, eps, xp=xp)} if save else None
-    return normalise(num, den, eps, xp=xp), state, saved
+    out, r = _finish(num, den, eps, save, xp=xp)
+    return out, state, ({"A": A, "keep": keep, "r": r} if save else None)
 
 
 def quadratic(fq, fk, v, *, causal, eps, initial_state=None, return_state=False, xp):
@@ -227,7 +239,7 @@ class ChunkedSaved:
     exclusive prefix states ``S_prev`` (B, H, n_c, m, e) and ``z_prev``
     (B, H, n_c, m), the state before each chunk, initial state included;
     ``r`` = 1 / (den + eps) (B, H, n_c, C, 1), 0 where den = 0; and the
-    normalised output ``out`` (B, H, n_c, C, e). Never an (N, m, e) tensor.
+    output ``out`` = num * r (B, H, n_c, C, e). Never an (N, m, e) tensor.
     """
 
     __slots__ = ("fq", "fk", "v", "keep", "S_prev", "z_prev", "r", "out")
@@ -268,14 +280,14 @@ def chunked_forward(fq, fk, v, *, eps, chunk_size=64, initial_state=None, return
     num = num + xp.matmul(fq_c, S_prev)
     den = den + xp.matmul(fq_c, z_prev[..., None])
 
-    out_c = normalise(num, den, eps, xp=xp)
+    out_c, r = _finish(num, den, eps, save, xp=xp)
     state = None
     if return_state or save:
         state = (S_prev[:, :, -1, ...] + S_c[:, :, -1, ...], z_prev[:, :, -1, ...] + z_c[:, :, -1, ...])
     saved = None
     if save:
         saved = ChunkedSaved(fq=fq_c, fk=fk_c, v=v_c, keep=keep, S_prev=S_prev, z_prev=z_prev,
-                             r=inverse_den(den, eps, xp=xp), out=out_c)
+                             r=r, out=out_c)
     return unchunk_tokens(out_c, N, xp=xp), state, saved
 
 
