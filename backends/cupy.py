@@ -42,6 +42,17 @@ def _kernels():
 class CuPyAdapter(Adapter):
     name = library = "cupy"
     feature_forms = _blocked.FORMS
+    device_types = ("cuda",)
+    implementations = {"cupy:blocked-kernels": "the NumPy blocked form on cuBLAS, with fused ElementwiseKernels"}
+
+    def block(self, x):
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()
+        return x
+
+    def choose(self, op, *, device_type, dtype, **static):
+        return "cupy:blocked-kernels", self.linear_attention, "cupy fast path: blocked, fused elementwise kernels"
 
     def linear_attention(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method,
                          initial_state, return_state, xp):

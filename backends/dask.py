@@ -35,19 +35,46 @@ class DaskAdapter(Adapter):
     # non-finite key reaches later blocks only through the carried state, as the definition says.
     # Doing it lazily on the whole graph instead costs ~75 tasks per block.
     isolates_inputs = True
+    implementations = {
+        "dask:blockwise": "per-block states, a tree reduction or an exclusive prefix, per-block read-out",
+        "dask:lazy-core": "the array-API core on the lazy graph (sequence lengths not known yet)",
+    }
 
-    def linear_attention(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method,
-                         initial_state, return_state, xp):
-        if any(math.isnan(c) for a in (q, k, v) for c in a.shape):
-            from kernelattn._agnostic import attention as core
-            from kernelattn._agnostic import isolate
+    def block(self, x):
+        return x.compute()
 
-            k, v = isolate.drop_padding(k, v, key_mask, xp=xp)
-            q, k, v, initial_state, *guard = isolate.isolate(q, k, v, initial_state, causal=causal, xp=xp)
-            out, state = core.linear_attention(q, k, v, feature_map=feature_map, causal=causal, key_mask=key_mask,
-                                               eps=eps, chunk_size=chunk_size, method=method,
-                                               initial_state=initial_state, return_state=return_state, xp=xp)
-            return isolate.poison(out, state, *guard, xp=xp)
+    def facts(self, op, *, arrays, feature_map):
+        if op != "linear_attention":
+            return {}
+        return {"known_lengths": not any(math.isnan(c) for a in arrays[:3] for c in a.shape)}
+
+    def facts_for(self, op, *, device_type, grad):
+        return {} if op != "linear_attention" else {"known_lengths": True}
+
+    def choose(self, op, *, device_type, dtype, **static):
+        if static.get("known_lengths", True):
+            return "dask:blockwise", self._blockwise, "dask fast path: blockwise over the sequence"
+        return "dask:lazy-core", self._lazy_core, "dask: chunk lengths unknown, the core runs on the lazy graph"
+
+    def linear_attention(self, q, k, v, **kw):
+        """The implementation :meth:`choose` names for this call (what dispatch runs)."""
+        known = self.facts("linear_attention", arrays=(q, k, v), feature_map=None)["known_lengths"]
+        return (self._blockwise if known else self._lazy_core)(q, k, v, **kw)
+
+    def _lazy_core(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method, initial_state,
+                   return_state, xp):
+        from kernelattn._agnostic import attention as core
+        from kernelattn._agnostic import isolate
+
+        k, v = isolate.drop_padding(k, v, key_mask, xp=xp)
+        q, k, v, initial_state, *guard = isolate.isolate(q, k, v, initial_state, causal=causal, xp=xp)
+        out, state = core.linear_attention(q, k, v, feature_map=feature_map, causal=causal, key_mask=key_mask,
+                                           eps=eps, chunk_size=chunk_size, method=method,
+                                           initial_state=initial_state, return_state=return_state, xp=xp)
+        return isolate.poison(out, state, *guard, xp=xp)
+
+    def _blockwise(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method,
+                   initial_state, return_state, xp):
         dtype = q.dtype
         cdt = np.float32 if np.dtype(dtype).itemsize < 4 else np.dtype(dtype)
         q, k, v = (a.rechunk({0: -1, 1: -1, 3: -1}) for a in (q, k, v))

@@ -165,6 +165,12 @@ class JAXAdapter(Adapter):
 
     name = "jax"
     library = "jax"
+    device_types = ("cpu", "cuda")
+    implementations = {
+        "jax:chunked-vjp": "causal: chunks in a lax.scan with a custom_vjp reverse scan (phi inside the loop)",
+        "jax:state-readout": "non-causal: phi, the state (phi(K)^T V, sum phi(K)), the read-out",
+        "jax:dot-product-attention": "jax.nn.dot_product_attention",
+    }
 
     def supports(self, op: str, *, device_type: str, dtype: str, **static) -> bool | str:
         answer = super().supports(op, device_type=device_type, dtype=dtype, **static)
@@ -174,9 +180,31 @@ class JAXAdapter(Adapter):
             return f"no fast path for dtype {dtype}"
         return True
 
+    def runs_on_core(self, op: str, **static) -> str | None:
+        if op == "softmax_attention" and static.get("same_width") is False:
+            return "values wider or narrower than the keys (e != d): jax.nn.dot_product_attention needs e = d"
+        return super().runs_on_core(op, **static)
+
+    def choose(self, op, *, device_type, dtype, **static):
+        if op == "softmax_attention":
+            return "jax:dot-product-attention", self.softmax_attention, "jax fast path: jax.nn.dot_product_attention"
+        if static.get("causal"):
+            return "jax:chunked-vjp", self._causal, "jax fast path: chunked scan with a custom VJP"
+        return "jax:state-readout", self._noncausal, "jax fast path: state and read-out"
+
     # -- linear attention ------------------------------------------------------
-    def linear_attention(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method,
-                         initial_state, return_state, xp):
+    def linear_attention(self, q, k, v, **kw):
+        """The implementation :meth:`choose` names for this call (what dispatch runs)."""
+        return (self._causal if kw["causal"] else self._noncausal)(q, k, v, **kw)
+
+    def _causal(self, q, k, v, **kw):
+        return self._attend(q, k, v, **kw)
+
+    def _noncausal(self, q, k, v, **kw):
+        return self._attend(q, k, v, **kw)
+
+    def _attend(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method,
+                initial_state, return_state, xp):
         dtype = q.dtype
         cdt = _compute_dtype(dtype)
         q, k, v = (a.astype(cdt) for a in (q, k, v))
@@ -190,9 +218,38 @@ class JAXAdapter(Adapter):
             out = _readout(phi_fn, params, q, state, eps)
         return out.astype(dtype), (state if return_state else None)
 
+    # -- library services (backends/_base.py) ----------------------------------
+    def block(self, x):
+        return x.block_until_ready()
+
+    def jit(self, fn):
+        return jax.jit(fn)
+
+    def value_and_grad(self, loss_fn):
+        return jax.jit(jax.value_and_grad(loss_fn))
+
+    def decoder(self, dec, S, z):
+        from kernelattn.backends._jax_decode import JaxDecoder
+
+        return JaxDecoder(dec, S, z)
+
+    def from_numpy(self, a):
+        return jnp.asarray(a)
+
+    def native_softmax(self):
+        def dpa(q, k, v, causal):  # (B, H, N, d) -> the (B, T, heads, d) it takes, and back
+            out = jax.nn.dot_product_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
+                                               v.transpose(0, 2, 1, 3), is_causal=causal)
+            return out.transpose(0, 2, 1, 3)
+
+        return "jax dot_product_attention", jax.jit(dpa, static_argnums=3)
+
+    def namespace(self):
+        return jnp
+
     # -- softmax attention -----------------------------------------------------
     def softmax_attention(self, q, k, v, *, causal, key_mask, scale, xp):
-        if v.shape[-1] != q.shape[-1]:  # jax.nn.dot_product_attention needs e = d
+        if v.shape[-1] != q.shape[-1]:  # dispatch sends these to the core (runs_on_core); a direct call too
             return _core.softmax_attention(q, k, v, causal=causal, key_mask=key_mask, scale=scale, xp=xp)
         dtype = q.dtype
         if _compute_dtype(dtype) != dtype and _on_cpu(q):  # the core's numerics on CPU
@@ -416,6 +473,25 @@ _key_state_checkpointed = jax.checkpoint(_key_state, static_argnums=(0,))
 
 
 # Importing this module means JAX is in use: make FeatureMap a pytree.
-from kernelattn.feature_maps import _register_pytrees  # noqa: E402
+import kernelattn.feature_maps as _feature_maps  # noqa: E402
+
+
+def _register_pytrees() -> None:
+    """FeatureMap as a JAX pytree: its arrays are the leaves, its spec the static part."""
+    if _feature_maps._PYTREES_REGISTERED:
+        return
+
+    def flatten(phi):
+        return (phi.params, phi.buffers), phi.spec
+
+    def unflatten(spec, children):
+        phi = object.__new__(FeatureMap)
+        phi.spec = spec
+        phi.params, phi.buffers = children
+        return phi
+
+    jax.tree_util.register_pytree_node(FeatureMap, flatten, unflatten)
+    _feature_maps._PYTREES_REGISTERED = True
+
 
 _register_pytrees()

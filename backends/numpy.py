@@ -26,6 +26,10 @@ BLOCK = 512
 class NumPyAdapter(Adapter):
     name = library = "numpy"
     feature_forms = _blocked.FORMS
+    implementations = {"numpy:blocked": "blocks of tokens, in-place ufuncs into reused buffers, batched BLAS"}
+
+    def choose(self, op, *, device_type, dtype, **static):
+        return "numpy:blocked", self.linear_attention, "numpy fast path: blocked over tokens"
 
     def linear_attention(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method,
                          initial_state, return_state, xp):

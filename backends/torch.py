@@ -26,11 +26,13 @@ beyond ``functional``; the modules live in :mod:`kernelattn.backends.torch_nn`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import torch.nn.functional as F
 
+from kernelattn import kinds
 from kernelattn.backends import _torch_fmap as fmaps
 from kernelattn.backends import _torch_ops as ops
 from kernelattn.backends._base import Adapter
@@ -46,9 +48,9 @@ def _compute_dtype(dtype):
     return torch.float32 if dtype in _HALF else dtype
 
 
-def _triton_ready(device) -> bool:
+def _triton_ready(device_type: str) -> bool:
     setting = os.environ.get(TRITON_ENV, "1").strip().lower()
-    if setting == "0" or (device.type != "cuda" and setting != "force") or torch.compiler.is_compiling():
+    if setting == "0" or (device_type != "cuda" and setting != "force"):
         return False
     try:
         from kernelattn.backends import _triton_linear  # noqa: F401
@@ -60,7 +62,7 @@ def _triton_ready(device) -> bool:
 def _needs_grad(phi, tensors) -> bool:
     if not torch.is_grad_enabled():
         return False
-    if any(t is not None and t.requires_grad for t in tensors):
+    if any(t is not None and getattr(t, "requires_grad", False) for t in tensors):
         return True
     params = phi.parameters() + list(getattr(phi, "buffers", {}).values()) if hasattr(phi, "parameters") else []
     return any(getattr(p, "requires_grad", False) for p in params)
@@ -72,6 +74,14 @@ class TorchAdapter(Adapter):
     name = "torch"
     library = "torch"
     feature_forms = tuple(fmaps.FORMS)
+    device_types = ("cpu", "cuda")
+    implementations = {
+        "torch:fused-blocks": "phi applied block by block inside the attention loop (no autograd, CPU; "
+                              "inside torch.compile the custom op runs instead)",
+        "torch:custom-op": "phi with torch ops, then the kernelattn::attend custom op (autograd, torch.compile)",
+        "torch:triton": "phi with torch ops, then the Triton kernels (CUDA; inside torch.compile the custom op)",
+        "torch:sdpa": "torch.nn.functional.scaled_dot_product_attention",
+    }
 
     def supports(self, op: str, *, device_type: str, dtype: str, **static) -> bool | str:
         answer = super().supports(op, device_type=device_type, dtype=dtype, **static)
@@ -83,45 +93,96 @@ class TorchAdapter(Adapter):
             return f"no fast path for dtype {dtype}"
         return True
 
-    # -- linear attention ----------------------------------------------------
-    def linear_attention(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method,
-                         initial_state, return_state, xp):
-        phi = feature_map
-        cdt = _compute_dtype(q.dtype)
-        e = v.shape[-1]
-        state = None
-        if initial_state is not None:
-            S0, z0 = initial_state
-            state = torch.cat([S0.to(cdt), z0.to(cdt).unsqueeze(-1)], dim=-1)
-        known = getattr(phi, "form", None) in fmaps.FORMS  # a kind with a torch form (kernelattn/kinds.py)
-        grad = _needs_grad(phi, (q, k, v, state))
-        triton = _triton_ready(q.device)
-        if known and not grad and not triton and not torch.compiler.is_compiling() and q.device.type == "cpu":
-            out, S = self._fused(q, k, v, phi, causal=causal, key_mask=key_mask, eps=eps, chunk=chunk_size,
-                                 state=state, cdt=cdt)
-        else:
-            fq = fmaps.apply(phi, q.to(cdt), role="query")
-            fk = fmaps.apply(phi, k.to(cdt), role="key")
-            vc = v.to(cdt)
-            if key_mask is not None:
-                keep = key_mask[:, None, :, None]
-                fk = torch.where(keep, fk, 0.0)
-                vc = torch.where(keep, vc, 0.0)
-            fq, fk, vc = fq.to(cdt).contiguous(), fk.to(cdt).contiguous(), vc.contiguous()
-            if triton:
-                from kernelattn.backends import _triton_linear
+    def facts(self, op, *, arrays, feature_map):
+        if op != "linear_attention":
+            return {}
+        device = next((a.device for a in arrays if a is not None), None)
+        # the same facts eager and under torch.compile (dispatch caches on them; torch.compile cannot see
+        # a decision first taken while it traces): the compiled graph takes the custom op, see _compiled
+        return {"grad": _needs_grad(feature_map, arrays), "triton": _triton_ready("cpu" if device is None else device.type)}
 
-                if q.device.type == "cuda" and q.dtype in _HALF:  # tensor-core products, float32 sums
-                    fq, fk, vc = fq.to(q.dtype), fk.to(q.dtype), v.to(q.dtype)
-                    if key_mask is not None:
-                        vc = torch.where(key_mask[:, None, :, None], vc, 0.0)
-                out, S = _triton_linear.attend(fq, fk, vc, state, causal=causal, eps=eps, chunk=chunk_size)
-            else:
-                out, S, _ = ops.attend(fq, fk, vc, state, causal, float(eps), int(chunk_size))
-            out = out.to(q.dtype)
-        if not return_state:
-            return out, None
-        return out, (S[..., :e], S[..., e])
+    def facts_for(self, op, *, device_type, grad):
+        return {} if op != "linear_attention" else {"grad": bool(grad), "triton": _triton_ready(device_type)}
+
+    def choose(self, op, *, device_type, dtype, **static):
+        if op == "softmax_attention":
+            return "torch:sdpa", self.softmax_attention, "torch fast path: SDPA"
+        if static.get("triton"):
+            return "torch:triton", self._attend_triton, "torch fast path on CUDA with Triton"
+        form = getattr(kinds.get(static.get("kind")), "form", None)
+        why = ("gradients are needed" if static.get("grad", False) else f"not on the CPU ({device_type})"
+               if device_type != "cpu" else f"kind {static.get('kind')!r} has no torch form"
+               if form not in fmaps.FORMS else None)
+        if why is None:
+            return "torch:fused-blocks", self._attend_fused, "torch fast path: fused blocks (no gradient needed)"
+        return "torch:custom-op", self._attend_custom_op, f"torch fast path: custom op ({why})"
+
+    # -- linear attention ----------------------------------------------------
+    def linear_attention(self, q, k, v, **kw):
+        """The implementation :meth:`choose` names for this call (what dispatch runs)."""
+        phi = kw["feature_map"]
+        facts = self.facts("linear_attention", arrays=(q, k, v, *(kw["initial_state"] or ())), feature_map=phi)
+        _, fn, _ = self.choose("linear_attention", device_type=q.device.type, dtype=str(q.dtype).rsplit(".", 1)[-1],
+                               kind=getattr(phi, "kind", "callable"), **facts)
+        return fn(q, k, v, **kw)
+
+    @staticmethod
+    def _state(initial_state, cdt):
+        if initial_state is None:
+            return None
+        S0, z0 = initial_state
+        return torch.cat([S0.to(cdt), z0.to(cdt).unsqueeze(-1)], dim=-1)
+
+    @staticmethod
+    def _split(out, S, e, return_state):
+        return out, ((S[..., :e], S[..., e]) if return_state else None)
+
+    def _attend_fused(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method, initial_state,
+                      return_state, xp):
+        if torch.compiler.is_compiling():  # the fused loop is eager code (it reads values): the op traces
+            return self._attend_custom_op(q, k, v, feature_map=feature_map, causal=causal, key_mask=key_mask,
+                                          eps=eps, chunk_size=chunk_size, method=method,
+                                          initial_state=initial_state, return_state=return_state, xp=xp)
+        cdt = _compute_dtype(q.dtype)
+        out, S = self._fused(q, k, v, feature_map, causal=causal, key_mask=key_mask, eps=eps, chunk=chunk_size,
+                             state=self._state(initial_state, cdt), cdt=cdt)
+        return self._split(out, S, v.shape[-1], return_state)
+
+    @staticmethod
+    def _features(q, k, v, phi, key_mask, cdt):
+        fq = fmaps.apply(phi, q.to(cdt), role="query")
+        fk = fmaps.apply(phi, k.to(cdt), role="key")
+        vc = v.to(cdt)
+        if key_mask is not None:
+            keep = key_mask[:, None, :, None]
+            fk = torch.where(keep, fk, 0.0)
+            vc = torch.where(keep, vc, 0.0)
+        return fq.to(cdt).contiguous(), fk.to(cdt).contiguous(), vc.contiguous()
+
+    def _attend_custom_op(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method, initial_state,
+                          return_state, xp):
+        cdt = _compute_dtype(q.dtype)
+        fq, fk, vc = self._features(q, k, v, feature_map, key_mask, cdt)
+        out, S, _ = ops.attend(fq, fk, vc, self._state(initial_state, cdt), causal, float(eps), int(chunk_size))
+        return self._split(out.to(q.dtype), S, v.shape[-1], return_state)
+
+    def _attend_triton(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method, initial_state,
+                       return_state, xp):
+        if torch.compiler.is_compiling():  # the Triton launch is eager code: under torch.compile the op traces
+            return self._attend_custom_op(q, k, v, feature_map=feature_map, causal=causal, key_mask=key_mask,
+                                          eps=eps, chunk_size=chunk_size, method=method,
+                                          initial_state=initial_state, return_state=return_state, xp=xp)
+        from kernelattn.backends import _triton_linear
+
+        cdt = _compute_dtype(q.dtype)
+        fq, fk, vc = self._features(q, k, v, feature_map, key_mask, cdt)
+        if q.device.type == "cuda" and q.dtype in _HALF:  # tensor-core products, float32 sums
+            fq, fk, vc = fq.to(q.dtype), fk.to(q.dtype), v.to(q.dtype)
+            if key_mask is not None:
+                vc = torch.where(key_mask[:, None, :, None], vc, 0.0)
+        out, S = _triton_linear.attend(fq, fk, vc, self._state(initial_state, cdt), causal=causal, eps=eps,
+                                       chunk=chunk_size)
+        return self._split(out.to(q.dtype), S, v.shape[-1], return_state)
 
     @staticmethod
     def _fused(q, k, v, phi, *, causal, key_mask, eps, chunk, state, cdt):
@@ -138,6 +199,52 @@ class TorchAdapter(Adapter):
             m = fmap(q[:, :, :0].to(cdt), "query").shape[-1]
         return ops.forward_fused(q, k, v, fmap=fmap, m=m, causal=causal, eps=eps, chunk=chunk, state=state,
                                  keep=key_mask, compute_dtype=cdt)
+
+    # -- library services (backends/_base.py) ----------------------------------
+    def block(self, x):
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        return x
+
+    def value_and_grad(self, loss_fn):
+        from kernelattn import _tree
+
+        def step(phi, *args):
+            leaves = [p.detach().requires_grad_(True) for p in phi.parameters()]
+            with torch.enable_grad():
+                value = loss_fn(phi.replace(params=_tree.with_leaves(phi.params, leaves)), *args)
+                grads = torch.autograd.grad(value, leaves)
+            return value.detach(), phi.replace(params=_tree.with_leaves(phi.params, list(grads)))
+
+        return step
+
+    def decoder(self, dec, S, z):
+        from kernelattn.backends._torch_decode import TorchDecoder
+
+        return TorchDecoder(dec, S, z)
+
+    def from_numpy(self, a):
+        return torch.from_numpy(a)
+
+    def namespace(self):
+        import array_api_compat.torch as xp
+
+        return xp
+
+    def inference(self):
+        torch.set_grad_enabled(False)
+
+    def native_softmax(self):
+        return "torch SDPA", lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    @contextlib.contextmanager
+    def threads(self, n):
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     # -- softmax attention ---------------------------------------------------
     def softmax_attention(self, q, k, v, *, causal, key_mask, scale, xp):

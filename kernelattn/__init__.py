@@ -34,40 +34,75 @@ from .grad import DistillationGrads, LinearAttentionGrads, feature_map_vjp, line
 from .decoding import LinearAttentionDecoder, decode_step
 from .fit import ApproximationError, FitHistory, approximation_error, fit_feature_map
 from . import data, losses, optim
-from ._dispatch import KNOWN_BACKENDS, Resolution
+from ._dispatch import Resolution, register_backend, unregister_backend
+from . import _dispatch
+
+
+def __getattr__(name):
+    if name == "KNOWN_BACKENDS":  # live: register_backend adds to it
+        return _dispatch.KNOWN_BACKENDS
+    raise AttributeError(f"module 'kernelattn' has no attribute {name!r}")
 from ._dispatch import resolve as _resolve
 from . import _validation
 from .feature_maps import _register_pytrees as _reg
+from .feature_maps import as_feature_map as _as_feature_map
 
 _reg()  # a no-op unless JAX is already imported
 
 
-def explain_dispatch(op: str, q, /, *, backend: str | None = None, **static) -> Resolution:
-    """Which implementation would run ``op`` on arrays like ``q``, and why.
+def explain_dispatch(op: str, q, /, *, k=None, v=None, feature_map=None, key_mask=None, initial_state=None,
+                     backend: str | None = None, **static) -> Resolution:
+    """Which implementation would run ``op`` on these inputs, and why.
+
+    Give what the call would get: ``q`` alone decides library, device and
+    dtype; ``k``, ``v``, ``feature_map`` and ``initial_state`` let the
+    adapter read the rest as the call does (for torch: whether gradients are
+    needed). The answer is the one the call takes: dispatch makes both from
+    the same facts.
 
     Parameters
     ----------
     op : {"linear_attention", "softmax_attention"}
     q : array
-        An input of the call (its library, device and dtype decide).
+    k, v, feature_map, key_mask, initial_state : optional
+        As in :func:`linear_attention` (``key_mask`` only says whether there is one).
     backend : str, optional
         As in :func:`linear_attention`.
     **static
-        The call's static options as :func:`linear_attention` passes them
-        (``causal``, ``method``, ``masked``, ``kind``).
+        Options of the call (``causal``, ``method``, ``chunk_size`` is not
+        one): defaults are those of :func:`linear_attention`
+        (``causal=False``, ``method="auto"``, the ``"elu"`` map); ``masked``
+        and ``kind`` are read from ``key_mask`` and ``feature_map`` unless
+        given; a fact an adapter reads (``grad=True``) may be given too.
 
     Returns
     -------
     Resolution
-        ``.backend`` is ``"agnostic"`` or an adapter name; ``.reason`` says why.
+        ``.implementation`` names the code (``"torch:custom-op"``,
+        ``"agnostic:chunked"``...), ``.backend`` is ``"agnostic"`` or an
+        adapter name, ``.reason`` says why.
 
     Examples
     --------
     >>> import numpy as np, kernelattn as ka
-    >>> ka.explain_dispatch("linear_attention", np.zeros((1, 1, 2, 2)), backend="agnostic").backend
-    'agnostic'
+    >>> ka.explain_dispatch("linear_attention", np.zeros((1, 1, 2, 2)), causal=True).implementation
+    'numpy:blocked'
+    >>> ka.explain_dispatch("linear_attention", np.zeros((1, 1, 2, 2)), backend="agnostic").implementation
+    'agnostic:noncausal'
     """
     xp = _validation.namespace_of(q=q)
+    if op == "linear_attention":
+        phi = None if feature_map is None else _as_feature_map(feature_map)
+        static = {"causal": False, "method": "auto", "masked": key_mask is not None,
+                  "kind": getattr(phi, "kind", "callable") if phi is not None else "elu", **static}
+        static["causal"] = bool(static["causal"])
+        arrays = tuple(a for a in (q, k, v, *(initial_state or ())) if a is not None)
+        return _resolve(op, xp, device=_validation._device_or_none(q), dtype=q.dtype, backend=backend,
+                        arrays=arrays, feature_map=phi if phi is not None else _as_feature_map("elu"), **static)
+    if op == "softmax_attention":
+        static = {"causal": False, "masked": key_mask is not None,
+                  "same_width": v is None or q.shape[-1] == v.shape[-1], **static}
+        static["causal"] = bool(static["causal"])
     return _resolve(op, xp, device=_validation._device_or_none(q), dtype=q.dtype, backend=backend, **static)
 
 
@@ -100,9 +135,11 @@ __all__ = sorted([
     "kinds",
     "optim",
     "orthogonality_penalty",
+    "register_backend",
     "register_feature_map",
     "softmax_attention",
     "softmax_attention_weights",
+    "unregister_backend",
     "unregister_feature_map",
     "value_and_grad",
 ])

@@ -10,7 +10,7 @@ import math
 import statistics
 import time
 
-from . import _compat
+from . import _compat, _dispatch
 
 
 def block(x):
@@ -21,20 +21,8 @@ def block(x):
         return x
     if not _compat.is_array_api_obj(x):
         return x
-    lib = _compat.library_name(_compat.array_namespace(x))
-    if lib == "jax":
-        x.block_until_ready()
-    elif lib == "torch" and x.device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize(x.device)
-    elif lib == "cupy":
-        import cupy
-
-        cupy.cuda.get_current_stream().synchronize()
-    elif lib == "dask":
-        x = x.compute()
-    return x
+    adapter = _dispatch.adapter_for(_compat.library_name(_compat.array_namespace(x)))
+    return x if adapter is None else adapter.block(x)
 
 
 def median_time(fn, *, repeats: int = 3, warmup: int = 1, budget: float | None = None) -> float:

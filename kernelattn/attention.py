@@ -213,6 +213,7 @@ def linear_attention(
     impl = _dispatch.resolve(
         "linear_attention", xp, device=_validation._device_or_none(q), dtype=q.dtype, backend=backend,
         causal=bool(causal), method=method, masked=key_mask is not None, kind=getattr(phi, "kind", "callable"),
+        arrays=(q, k, v, *(initial_state or ())), feature_map=phi,
     )
     guard = None
     if not getattr(getattr(impl.function, "__self__", None), "isolates_inputs", False):
@@ -344,7 +345,8 @@ def softmax_attention(
     if scale is not None:
         scale = _validation.positive("scale", scale)
     impl = _dispatch.resolve("softmax_attention", xp, device=_validation._device_or_none(q), dtype=q.dtype,
-                             backend=backend, causal=bool(causal), masked=key_mask is not None)
+                             backend=backend, causal=bool(causal), masked=key_mask is not None,
+                             same_width=q.shape[-1] == v.shape[-1])
     q, k, v, _, guard = _isolated_inputs(q, k, v, key_mask, None, causal=causal, xp=xp)
     out = impl(q, k, v, causal=bool(causal), key_mask=key_mask, scale=scale, xp=xp)
     if guard is not None:

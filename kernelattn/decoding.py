@@ -5,13 +5,14 @@ every call. :class:`LinearAttentionDecoder` does that once, at construction,
 and then each :meth:`~LinearAttentionDecoder.step` costs the feature map on
 one token and the state update: in place in torch (when autograd is not
 recording) and NumPy, a jit-compiled step with donated state in JAX, and the
-array-API form for every other library. :func:`decode_step` is the pure
+array-API form for every other library. The torch and JAX steps live with
+their adapters (``backends/_torch_decode.py``, ``backends/_jax_decode.py``). :func:`decode_step` is the pure
 function underneath (no checks, no mutation), for ``jax.grad`` and friends.
 """
 
 from __future__ import annotations
 
-from . import _compat, _validation
+from . import _compat, _dispatch, _validation
 from ._agnostic._utils import cast, compute_dtype
 from ._agnostic.attention import normalise
 from .attention import LinearAttentionState
@@ -71,20 +72,6 @@ def decode_step(phi, S, z, q, k, v, key_mask=None, *, eps=1e-6):
     num = xp.matmul(fq[..., None, :], S)[..., 0, :]
     den = xp.sum(fq * z, axis=-1, keepdims=True)
     return cast(normalise(num, den, eps, xp=xp), dtype, xp=xp), S, z
-
-
-_JAX_STEP = None
-
-
-def _jax_step():
-    # built on first use: importing kernelattn imports no framework
-    global _JAX_STEP
-    if _JAX_STEP is None:
-        import jax
-
-        _JAX_STEP = jax.jit(decode_step, static_argnames=("eps",), donate_argnums=(1, 2))
-    return _JAX_STEP
-
 
 class LinearAttentionDecoder:
     """Causal linear attention one token at a time, bound to ``feature_map``.
@@ -174,18 +161,20 @@ class LinearAttentionDecoder:
             z = xp.zeros((B, H, m), dtype=cdt, device=device)
         else:
             S, z = (cast(a, cdt, xp=xp) for a in state)
-        self._kind = ("torch" if _compat.is_torch_namespace(xp) else "jax" if _compat.is_jax_namespace(xp)
-                      else "numpy" if _compat.is_numpy_namespace(xp) else "generic")
-        getattr(self, f"_init_{self._kind}")(S, z)
+        # a library's own step comes from its adapter (backends/); NumPy and the rest are here
+        adapter = _dispatch.adapter_for(_compat.library_name(xp))
+        self._impl = None if adapter is None else adapter.decoder(self, S, z)
+        if self._impl is not None:
+            self._step = self._impl._step
+        else:
+            (self._init_numpy if _compat.is_numpy_namespace(xp) else self._init_generic)(S, z)
 
     # -- the state ------------------------------------------------------------
     @property
     def state(self) -> LinearAttentionState:
         """The running sums (S (B, H, m, e), z (B, H, m)) after the tokens seen so far."""
-        if self._kind == "torch":
-            e = self.value_dim
-            Sz = self._Sz.view(self.batch, self.num_heads, self.feature_dim, e + 1)
-            return LinearAttentionState(Sz[..., :e], Sz[..., e])
+        if self._impl is not None:
+            return LinearAttentionState(*self._impl.state())
         return LinearAttentionState(self._S, self._z)
 
     def step(self, q, k, v, key_mask=None):
@@ -233,125 +222,3 @@ class LinearAttentionDecoder:
     def _step_generic(self, q, k, v, key_mask):
         out, self._S, self._z = decode_step(self.phi, self._S, self._z, q, k, v, key_mask, eps=self.eps)
         return out
-
-    # -- jax: one jit-compiled step, the state donated -------------------------------
-    def _init_jax(self, S, z):
-        import jax.numpy as jnp
-
-        from .feature_maps import _register_pytrees
-
-        _register_pytrees()
-        from .feature_maps import FeatureMap
-
-        self._S, self._z = jnp.array(S, copy=True), jnp.array(z, copy=True)  # donated: never the caller's
-        if isinstance(self.phi, FeatureMap):  # a pytree: one compiled step for every decoder
-            self._jit = _jax_step()
-        else:  # a callable is no pytree, so close over it
-            import jax
-
-            phi = self.phi
-            fn = jax.jit(lambda _, S, z, q, k, v, mask, eps: decode_step(phi, S, z, q, k, v, mask, eps=eps),
-                         static_argnames=("eps",), donate_argnums=(1, 2))
-            self._jit = lambda phi, S, z, q, k, v, mask, eps: fn(None, S, z, q, k, v, mask, eps=eps)
-        self._step = self._step_jax
-
-    def _step_jax(self, q, k, v, key_mask):
-        out, self._S, self._z = self._jit(self.phi, self._S, self._z, q, k, v, key_mask, eps=self.eps)
-        return out
-
-    # -- torch: S and z as one (B*H, m, e + 1) buffer, updated in place ---------------
-    def _init_torch(self, S, z):
-        import torch
-        import torch.nn.functional as F
-
-        self._torch, self._F = torch, F
-        B, H, m, e = self.batch, self.num_heads, self.feature_dim, self.value_dim
-        # z rides as S's last column: one baddbmm updates both, one bmm reads num and den
-        self._Sz = torch.cat((S, z[..., None]), dim=-1).reshape(B * H, m, e + 1)
-        self._vbuf = torch.ones((B * H, 1, e + 1), dtype=S.dtype, device=S.device)
-        self._vbuf_masked = False
-        phi = self.phi
-        self._blocks = None
-        # forms of kernelattn/kinds.py written out below for one token
-        if getattr(phi, "form", None) == "feedforward" and phi.tied:
-            self._blocks = phi.blocks("query")
-        self._params = tuple(phi.parameters()) if hasattr(phi, "parameters") else ()
-        self._step = self._step_torch
-
-    def _phi_torch(self, x):
-        # x (B, H, n, d) in the compute dtype -> (B, H, n, m)
-        phi, F = self.phi, self._F
-        if self._blocks is None:
-            if getattr(phi, "form", None) == "elu":
-                return F.elu(x) + 1.0
-            return phi.apply(x, role="query", xp=self.xp)
-        mm = self._torch.matmul
-        if x.shape[0] == 1:  # B = 1: a plain bmm over heads, no broadcast of the weights
-            x = x[0]
-            mm = self._torch.bmm
-        last = len(self._blocks) - 1
-        for i, blk in enumerate(self._blocks):
-            W = blk["W"]
-            y = mm(x, W if W.dtype == x.dtype else W.to(x.dtype))
-            if blk.get("b") is not None:
-                y = y + blk["b"].to(x.dtype)[:, None, :]
-            if i == last:
-                y = F.softplus(y)
-            if "G" in blk or "A" in blk:
-                if "G" in blk:
-                    g = mm(x, blk["G"].to(x.dtype))
-                else:
-                    g = mm(mm(x, blk["A"].to(x.dtype)), blk["B"].to(x.dtype))
-                if blk.get("c") is not None:
-                    g = g + blk["c"].to(x.dtype)[:, None, :]
-                y = y * self._torch.sigmoid(g)
-            x = y
-        return x[None] if mm is self._torch.bmm else x
-
-    def _step_torch(self, q, k, v, key_mask):
-        torch = self._torch
-        B, H, m, e = self.batch, self.num_heads, self.feature_dim, self.value_dim
-        Sz = self._Sz
-        cdt = Sz.dtype
-        if q.dtype != cdt:
-            q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
-        if self._blocks is not None or getattr(self.phi, "form", None) == "elu":
-            f = self._phi_torch(torch.stack((q, k), dim=2))
-            fq, fk = f[:, :, 0, :], f[:, :, 1, :]
-        else:
-            fq, fk = _features(self.phi, q, k, xp=self.xp)
-        recording = torch.is_grad_enabled() and (
-            Sz.requires_grad or q.requires_grad or k.requires_grad or v.requires_grad
-            or any(p.requires_grad for p in self._params))
-        if key_mask is not None:
-            keep = key_mask[:, None, None]
-            fk = torch.where(keep, fk, 0.0)
-            v = torch.where(keep, v, 0.0)
-        fk = fk.reshape(B * H, m, 1)
-        fq = fq.reshape(B * H, 1, m)
-        if recording or Sz.requires_grad:
-            # out of place, so autograd sees every step (and no saved tensor is overwritten)
-            ones = torch.ones((B * H, 1, 1), dtype=cdt, device=Sz.device)
-            if key_mask is not None:
-                ones = torch.where(keep.reshape(B, 1, 1).expand(B, H, 1).reshape(B * H, 1, 1), ones, 0.0)
-            vaug = torch.cat((v.reshape(B * H, 1, e), ones), dim=-1)
-            Sz = self._Sz = torch.baddbmm(Sz, fk, vaug)
-            r = torch.bmm(fq, Sz)
-            num, den = r[..., :e], r[..., e:]
-            ok = den != 0
-            out = torch.where(ok, num / torch.where(ok, den + self.eps, 1.0), 0.0)
-        else:
-            vb = self._vbuf
-            vb[:, :, :e].copy_(v.reshape(B * H, 1, e))
-            if key_mask is not None:  # a padded token adds nothing to z either
-                vb[:, :, e:].copy_(keep.reshape(B, 1, 1).expand(B, H, 1).reshape(B * H, 1, 1))
-                self._vbuf_masked = True
-            elif self._vbuf_masked:
-                vb[:, :, e:].fill_(1.0)
-                self._vbuf_masked = False
-            Sz.baddbmm_(fk, vb)
-            r = torch.bmm(fq, Sz)
-            num, den = r[..., :e], r[..., e:]
-            out = torch.where(den != 0, num / (den + self.eps), 0.0)
-        out = out.reshape(B, H, e)
-        return out if out.dtype == self.dtype else out.to(self.dtype)

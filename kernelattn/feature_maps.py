@@ -607,27 +607,16 @@ def orthogonality_penalty(phi, *, weight: float = 1.0):
 
 
 # ---------------------------------------------------------------------------
-# JAX pytree registration, without importing JAX ourselves
+# JAX pytrees: the JAX adapter (backends/jax.py) registers FeatureMap when it is imported
 
-_PYTREES_REGISTERED = False
+_PYTREES_REGISTERED = False  # set by backends/jax.py
 
 
 def _register_pytrees() -> None:
-    """Register FeatureMap as a JAX pytree once JAX has been imported by someone."""
-    global _PYTREES_REGISTERED
+    """Make FeatureMap a JAX pytree once JAX has been imported by someone (importing nothing otherwise)."""
     if _PYTREES_REGISTERED or "jax" not in sys.modules:
         return
-    import jax
+    from . import _dispatch
 
-    def flatten(phi):
-        return (phi.params, phi.buffers), phi.spec
-
-    def unflatten(spec, children):
-        phi = object.__new__(FeatureMap)
-        phi.spec = spec
-        phi.params, phi.buffers = children
-        return phi
-
-    _PYTREES_REGISTERED = True
-    jax.tree_util.register_pytree_node(FeatureMap, flatten, unflatten)
+    _dispatch.adapter_for("jax")
 

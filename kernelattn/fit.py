@@ -27,8 +27,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _compat, _tree, _validation
-from .feature_maps import FeatureMap, _register_pytrees, as_feature_map, orthogonality_penalty
+from . import _compat, _dispatch, _tree, _validation
+from .feature_maps import FeatureMap, as_feature_map, orthogonality_penalty
 from ._agnostic import grad as _core
 from ._agnostic._utils import cast, compute_dtype
 from .losses import LOSSES, attention_kl, output_mse
@@ -137,6 +137,7 @@ def _progress(progress, steps, desc):
 def _grad_fn(kind, xp, loss, options, ortho_weight):
     """(phi, q, k, v, mask, teacher) -> (value, grads FeatureMap) for the chosen gradient path."""
     lib = _compat.library_name(xp)
+    adapter = _dispatch.adapter_for(lib)  # the library's own jit and autodiff (backends/)
     if kind == "manual":
         def step(phi, q, k, v, mask, teacher):
             value, (_, _, _, g_params) = _core.distill_value_and_grad(
@@ -144,12 +145,7 @@ def _grad_fn(kind, xp, loss, options, ortho_weight):
                 teacher=teacher, xp=xp, **options)
             return value, FeatureMap(phi.spec, g_params, {})
 
-        if lib == "jax":
-            import jax
-
-            _register_pytrees()
-            return jax.jit(step)
-        return step
+        return step if adapter is None else adapter.jit(step)
 
     def loss_of(phi, q, k, v, mask):
         if loss == "attention_kl":
@@ -160,23 +156,9 @@ def _grad_fn(kind, xp, loss, options, ortho_weight):
             value = value + orthogonality_penalty(phi, weight=ortho_weight)
         return value
 
-    if lib == "jax":
-        import jax
-
-        _register_pytrees()
-        vg = jax.jit(jax.value_and_grad(loss_of))
+    vg = None if adapter is None else adapter.value_and_grad(loss_of)
+    if vg is not None:
         return lambda phi, q, k, v, mask, teacher: vg(phi, q, k, v, mask)
-    if lib == "torch":
-        import torch
-
-        def step(phi, q, k, v, mask, teacher):
-            leaves = [p.detach().requires_grad_(True) for p in phi.parameters()]
-            with torch.enable_grad():
-                value = loss_of(phi.replace(params=_tree.with_leaves(phi.params, leaves)), q, k, v, mask)
-                grads = torch.autograd.grad(value, leaves)
-            return value.detach(), phi.replace(params=_tree.with_leaves(phi.params, list(grads)))
-
-        return step
     raise ValueError(f"grad='autodiff' needs torch or JAX arrays; these are {lib} arrays (use grad='manual')")
 
 

@@ -309,12 +309,12 @@ register_feature_map(
     "elu", lambda x, blocks, buffers, *, xp: elu_plus_one(x, xp=xp),
     description="elu(x) + 1: the Linear Transformer's map (Katharopoulos et al. 2020)",
     vjp=lambda x, blocks, buffers, *, xp: _vjp.elu_vjp(x, xp=xp),
-    reference=lambda x, blocks, buffers, *, xp: xp.where(x > 0, x + 1.0, xp.exp(xp.where(x > 0, 0.0 * x, x))),
+    reference=lambda x, blocks, buffers, *, xp: xp.where(x > 0, x + 1.0, xp.exp(xp.where(x > 0, xp.zeros_like(x), x))),
     form="elu")
 register_feature_map(
     "relu", lambda x, blocks, buffers, *, xp: _relu(x, xp=xp), description="max(x, 0)",
     vjp=lambda x, blocks, buffers, *, xp: _vjp.relu_vjp(x, xp=xp),
-    reference=lambda x, blocks, buffers, *, xp: xp.where(x > 0, x, 0.0 * x), form="relu")
+    reference=lambda x, blocks, buffers, *, xp: xp.where(x > 0, x, xp.zeros_like(x)), form="relu")
 register_feature_map(
     "favor", lambda x, blocks, buffers, *, xp: _fm.favor(x, buffers["omega"], xp=xp),
     description="Performer's positive orthogonal random features (FAVOR+)",

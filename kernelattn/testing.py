@@ -66,21 +66,21 @@ def _ref_attention(fq, fk, v, valid, eps, S0, z0, xp):
     (nothing real to attend to), for every eps >= 0.
     """
     A = xp.matmul(fq, xp.permute_dims(fk, (0, 1, 3, 2)))
-    A = xp.where(valid, A, 0.0 * A)
+    A = xp.where(valid, A, xp.zeros_like(A))
     num = xp.matmul(A, v)
     den = xp.sum(A, axis=-1, keepdims=True)
     if S0 is not None:
         num = num + xp.matmul(fq, S0)
         den = den + xp.matmul(fq, z0[..., None])
     ok = den != 0
-    return xp.where(ok, num / xp.where(ok, den + eps, 1.0 + 0.0 * den), 0.0 * num)
+    return xp.where(ok, num / xp.where(ok, den + eps, xp.ones_like(den)), xp.zeros_like(num))
 
 
 def _ref_state(fk, v, key_mask, S0, z0, xp):
     if key_mask is not None:
         keep = key_mask[:, None, :, None]
-        fk = xp.where(keep, fk, 0.0 * fk)
-        v = xp.where(keep, v, 0.0 * v)
+        fk = xp.where(keep, fk, xp.zeros_like(fk))
+        v = xp.where(keep, v, xp.zeros_like(v))
     S = xp.matmul(xp.permute_dims(fk, (0, 1, 3, 2)), v)
     z = xp.sum(fk, axis=2)
     if S0 is not None:
@@ -107,8 +107,8 @@ def _ref_forward(q, k, v, phi, causal, key_mask, eps, S0, z0, leaf, xp):
     if key_mask is not None:
         km = key_mask
         k_keep = km[:, None, :, None]
-        v = xp.where(k_keep, v, 0.0 * v)
-        fk = xp.where(k_keep, fk, 0.0 * fk)
+        v = xp.where(k_keep, v, xp.zeros_like(v))
+        fk = xp.where(k_keep, fk, xp.zeros_like(fk))
     valid = _ref_valid(B, N, L, key_mask, causal, xp, q)
     out = _ref_attention(fq, fk, v, valid, eps, S0, z0, xp)
     return out, _ref_state(fk, v, key_mask, S0, z0, xp)

@@ -1,9 +1,11 @@
 """``.. support-matrix::``: the backend support table, generated from the dispatch registry.
 
-For every library in :data:`kernelattn._dispatch.REGISTRY`, every operation
-and the device types, it asks the adapter (as dispatch would) whether it runs
-the call itself, and renders what runs: the library's fast path, or the
-array-API core with the adapter's reason. Nothing is written by hand.
+For every library in :data:`kernelattn._dispatch.REGISTRY`, every operation,
+device type and whether gradients are needed, it takes dispatch's own decision
+(:func:`kernelattn._dispatch.decide`, what every call ends in) and renders the
+implementation's name and the reason. Nothing is written by hand;
+tests/test_dispatch.py checks the table against ``ka.explain_dispatch`` on
+real arrays.
 """
 
 from __future__ import annotations
@@ -18,32 +20,30 @@ CASES = [
     ("linear_attention", {"causal": False, "method": "auto", "masked": False, "kind": "glu"}, "non-causal"),
     ("linear_attention", {"causal": True, "method": "auto", "masked": False, "kind": "glu"}, "causal"),
     ("linear_attention", {"causal": True, "method": "auto", "masked": True, "kind": "glu"}, "causal, key_mask"),
-    ("softmax_attention", {"causal": False, "masked": False}, ""),
+    ("softmax_attention", {"causal": False, "masked": False, "same_width": True}, ""),
 ]
-DEVICES = ("cpu", "cuda")
+GRADS = (False, True)
 
 
 def rows():
+    """(library, operation, device, gradients, implementation, reason): dispatch's own decision for each."""
     out = []
     for library in _dispatch.REGISTRY:
         try:
             adapter = _dispatch.load_adapter(library)
         except ImportError as exc:
-            out.append((library, "–", "–", f"adapter not importable here: {exc}"))
+            out.append((library, "–", "–", "–", "–", f"adapter not importable here: {exc}"))
             continue
         for op, static, label in CASES:
-            for dev in DEVICES:
-                if library in ("numpy", "dask") and dev == "cuda":
-                    continue
-                answer = adapter.supports(op, device_type=dev, dtype="float32", **static)
-                has = getattr(adapter, op, None) is not None
-                if answer is True and has:
-                    what = f"fast path ({library})"
-                else:
-                    reason = answer if isinstance(answer, str) else "no fast path"
-                    what = f"array-API core ({reason})"
-                name = op + (f" ({label})" if label else "")
-                out.append((library, name, dev, what))
+            for dev in adapter.device_types:
+                # a gradients column only where the adapter's choice reads it
+                grads = GRADS if "grad" in adapter.facts_for(op, device_type=dev, grad=True) else (None,)
+                for grad in grads:
+                    facts = adapter.facts_for(op, device_type=dev, grad=bool(grad))
+                    res = _dispatch.decide(op, library, dev, "float32", None, **{**facts, **static})
+                    name = op + (f" ({label})" if label else "")
+                    out.append((library, name, dev, {None: "–", False: "no", True: "yes"}[grad], res.implementation,
+                                res.reason))
     return out
 
 
@@ -90,11 +90,12 @@ class SupportMatrix(SphinxDirective):
     has_content = False
 
     def run(self):
-        lines = [".. list-table::", "   :header-rows: 1", "   :widths: 12 30 8 50", "",
-                 "   * - library", "     - operation", "     - device", "     - what runs"]
-        for library, op, dev, what in rows():
-            lines += [f"   * - {library}", f"     - ``{op}``" if op != "–" else "     - –",
-                      f"     - {dev}", f"     - {what}"]
+        lines = [".. list-table::", "   :header-rows: 1", "   :widths: 10 26 8 8 18 30", "",
+                 "   * - library", "     - operation", "     - device", "     - gradients", "     - implementation",
+                 "     - why"]
+        for library, op, dev, grad, impl, why in rows():
+            lines += [f"   * - {library}", f"     - ``{op}``" if op != "–" else "     - –", f"     - {dev}",
+                      f"     - {grad}", f"     - ``{impl}``" if impl != "–" else "     - –", f"     - {why}"]
         node = nodes.section()
         self.state.nested_parse(StringList(lines), self.content_offset, node)
         return node.children

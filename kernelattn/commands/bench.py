@@ -30,7 +30,7 @@ import sys
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, _dispatch
 from .._timing import crossover_text, median_time
 from ..attention import linear_attention, softmax_attention
 from ..data import default_inputs
@@ -83,26 +83,12 @@ class _Lib:
             self.softmax_name = "kernelattn.softmax_attention"
             self.softmax = lambda q, k, v, causal: softmax_attention(q, k, v, causal=causal)
             self.matmul = np.matmul
-        elif name == "torch":
-            import torch
-
-            torch.set_grad_enabled(False)
-            self.to, self.wrap = torch.from_numpy, (lambda f: f)
-            self.softmax_name = "torch SDPA"
-            sdpa = torch.nn.functional.scaled_dot_product_attention
-            self.softmax = lambda q, k, v, causal: sdpa(q, k, v, is_causal=causal)
-            self.matmul = torch.matmul
-        elif name == "jax":
-            import jax
-            import jax.numpy as jnp
-
-            self.to, self.wrap = jnp.asarray, jax.jit
-            self.softmax_name = "jax dot_product_attention"
-            dpa = jax.jit(lambda q, k, v, causal: jax.nn.dot_product_attention(
-                q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), is_causal=causal),
-                static_argnums=3)
-            self.softmax = dpa
-            self.matmul = jax.jit(jnp.matmul)
+        elif name in ("torch", "jax"):
+            adapter = _dispatch.load_adapter(name)  # the library's own conversion, jit and softmax (backends/)
+            adapter.inference()
+            self.to, self.wrap = adapter.from_numpy, adapter.jit
+            self.softmax_name, self.softmax = adapter.native_softmax()
+            self.matmul = adapter.jit(adapter.namespace().matmul)
         else:
             raise UsageError("--backends", f"unknown backend {name!r}; choose {', '.join(BACKENDS)}")
 

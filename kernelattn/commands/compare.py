@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, _dispatch
 from .._timing import crossover_text, median_time
 from ..attention import linear_attention, softmax_attention
 from ..data import default_inputs
@@ -51,16 +51,10 @@ def _backend(name: str):
     """(to_array, wrap) for a backend name: convert NumPy inputs, and jit where it applies."""
     if name == "numpy":
         return (lambda a: a), (lambda f: f)
-    if name == "torch":
-        import torch
-
-        torch.set_grad_enabled(False)
-        return torch.from_numpy, (lambda f: f)
-    if name == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        return jnp.asarray, jax.jit
+    if name in ("torch", "jax"):
+        adapter = _dispatch.load_adapter(name)  # the library's own conversion and jit (backends/)
+        adapter.inference()
+        return adapter.from_numpy, adapter.jit
     if name == "array_api_strict":
         import array_api_strict as xps
 

@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import os
 import sys
 import time
 
 import numpy as np
 
-from .. import __version__, kinds
+from .. import __version__, _dispatch, kinds
 from .._timing import crossover_text, median_time
 from .._tree import tree_map
 from ..attention import linear_attention, linear_attention_weights, softmax_attention, softmax_attention_weights
@@ -106,23 +107,14 @@ EXAMPLES = ("python -m kernelattn demo --steps 150 --layer 0 --heads all",
 def _backend(name: str):
     """(library name, NumPy -> array conversion) for ``--backend``."""
     if name == "auto":
-        try:
-            import torch  # noqa: F401
-            name = "torch"
-        except ImportError:
-            name = "numpy"
+        name = "torch" if importlib.util.find_spec("torch") is not None else "numpy"
     if name == "numpy":
         return name, (lambda a: a)
-    if name == "torch":
-        import torch
-
-        torch.set_grad_enabled(False)  # the manual gradients need no graph; timing neither
-        return name, torch.from_numpy
-    if name == "jax":
-        import jax.numpy as jnp
-
-        return name, (lambda a: jnp.asarray(a, dtype=jnp.float32))
-    raise UsageError("--backend", f"unknown backend {name!r}; choose auto, numpy, torch or jax")
+    if name not in ("torch", "jax"):
+        raise UsageError("--backend", f"unknown backend {name!r}; choose auto, numpy, torch or jax")
+    adapter = _dispatch.load_adapter(name)  # the library's own conversions and settings (backends/)
+    adapter.inference()  # the manual gradients need no graph; timing neither
+    return name, (lambda a: adapter.from_numpy(np.asarray(a, dtype=np.float32)))
 
 
 @contextlib.contextmanager
@@ -133,24 +125,15 @@ def _one_thread(lib):
     more in synchronisation than it saves, and costs 10x or more when another
     process is using the cores. Timing runs with the library's defaults.
     """
-    restore = None
-    if lib == "torch":
-        import torch
-
-        restore = torch.get_num_threads()
-        torch.set_num_threads(1)
+    adapter = _dispatch.adapter_for(lib)
     try:
         from threadpoolctl import threadpool_limits  # optional; limits NumPy's BLAS
     except ImportError:
         limits = contextlib.nullcontext()
     else:
         limits = threadpool_limits(1, user_api="blas")
-    try:
-        with limits:
-            yield
-    finally:
-        if restore is not None:
-            torch.set_num_threads(restore)
+    with limits, (contextlib.nullcontext() if adapter is None else adapter.threads(1)):
+        yield
 
 
 def _heads(text: str):
