@@ -14,6 +14,12 @@ import os
 
 # Before anything imports JAX: 8 simulated CPU devices for mesh tests.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# JAX's persistent compilation cache, in pytest's cache folder: most of a JAX test's time is compiling,
+# so a second run (the quick tier in an edit loop) reuses the first run's programs
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), os.pardir,
+                                                                ".pytest_cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Before anything imports Triton (torch's inductor does, in test_compile_warnings.py): without a
 # GPU the kernels run in Triton's interpreter, which must be chosen before the first @triton.jit.
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):

@@ -91,8 +91,7 @@ def _rebuild(phi, leaves):
 
 # quick tier (-m "not slow"): glu causal; jax.grad against the float64 definition: test_edges.py
 @pytest.mark.slow_where(kind=("aoglu", "ffn", "hedgehog", "favor", "elu"))
-@pytest.mark.slow_where(kind="glu", opts={"tied": False})
-@pytest.mark.slow_where(kind="glu", causal=False)
+@pytest.mark.slow  # path against path; quick tier: jax.grad under jit against the definition (test_edges.py)
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("kind,opts", KINDS, ids=IDS)
 def test_jax_grad_under_jit_matches_torch(kind, opts, causal):

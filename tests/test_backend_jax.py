@@ -126,7 +126,7 @@ def test_fast_path_is_chosen_for_jax_arrays():
 # quick tier (-m "not slow"): glu (depth 2), causal; jax against the float64 definition: test_edges.py
 @pytest.mark.slow_where(kind=("ffn", "aoglu", "hedgehog", "favor", "elu", "relu", "callable"))
 @pytest.mark.slow_where(kind="glu", opts={"tied": False, "feature_dim": 10})
-@pytest.mark.slow_where(kind="glu", causal=False)
+@pytest.mark.slow  # quick tier: jax against the float64 definition in test_edges.py and test_isolation.py
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("kind,opts", KINDS, ids=KIND_IDS)
 def test_forward_and_gradients_match_core(kind, opts, causal):
@@ -213,7 +213,7 @@ def test_float64_matches_numpy_reference(causal):
     assert rel_rms_error(S, S_ref) <= TOL[jnp.float64] and rel_rms_error(z, z_ref) <= TOL[jnp.float64]
 
 
-@pytest.mark.slow_where(with_mask=False)
+@pytest.mark.slow  # quick tier: jax against the float64 definition in test_edges.py and test_isolation.py
 @pytest.mark.parametrize("with_mask", [False, True], ids=["nomask", "masked"])
 def test_custom_vjp_matches_finite_differences(with_mask):
     """The hand-written backward of the chunked kernel, in float64, vs central differences."""
@@ -232,6 +232,7 @@ def test_custom_vjp_matches_finite_differences(with_mask):
 # ---------------------------------------------------------------------------- semantics
 
 
+@pytest.mark.slow  # quick tier: jax against the float64 definition in test_edges.py and test_isolation.py
 def test_padded_keys_change_nothing_and_get_no_gradient():
     B, H, N, d = 2, 2, 30, 4
     q, k, v, mask, _ = _inputs(B, H, N, N, d, d, masked=True)
@@ -252,6 +253,7 @@ def test_padded_keys_change_nothing_and_get_no_gradient():
         assert float(jnp.max(jnp.abs(gk))) > 0
 
 
+@pytest.mark.slow  # quick tier: jax against the float64 definition in test_edges.py and test_isolation.py
 def test_future_tokens_do_not_change_causal_outputs():
     q, k, v, _, _ = _inputs(1, 2, 40, 40, 4, 4)
     phi = _phi("ffn", {}, 2, 4)
@@ -261,6 +263,7 @@ def test_future_tokens_do_not_change_causal_outputs():
     np.testing.assert_allclose(np.asarray(full[:, :, :23]), np.asarray(head), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # quick tier: jax decoding in test_decoding.py and test_new_kind.py
 def test_decoding_step_by_step_matches_the_full_call():
     q, k, v, _, _ = _inputs(2, 2, 12, 12, 4, 3)
     phi = _phi("glu", {}, 2, 4)

@@ -68,7 +68,7 @@ def decode(bk, phi_np, q, k, v, mask, *, prompt, eps=1e-6, dtype="float32"):
 @pytest.mark.slow_where(xp_backend=("jax", "dask"), kind="ffn")
 @pytest.mark.slow_where(xp_backend=("jax", "dask"), padded=True, prompt=0)
 @pytest.mark.slow_where(xp_backend=("jax", "dask"), padded=False, prompt=P)
-@pytest.mark.slow_where(xp_backend="jax", prompt=0)  # jax: glu, padded after a prompt
+@pytest.mark.slow_where(xp_backend=("jax", "dask"), prompt=0)  # jax, dask: glu, padded after a prompt
 @pytest.mark.slow_where(xp_backend="jax", kind="elu")
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
@@ -90,6 +90,7 @@ def test_decoder_matches_definition(xp_backend, rng, kind, padded, prompt):
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-6])
+@pytest.mark.slow_where(xp_backend=("dask", "jax"), eps=1e-6)  # quick: eps = 0, the edge
 def test_fully_padded_row_gives_zeros_for_any_eps(xp_backend, rng, eps):
     q, k, v, mask = data(rng, True)
     outs, _, _ = decode(xp_backend, make_phi("ffn"), q, k, v, mask, prompt=0, eps=eps)

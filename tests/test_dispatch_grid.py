@@ -44,6 +44,8 @@ def _ran(fn):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.slow_where(xp_backend="jax", causal=True)  # a compile per call: jax's quick case is the plain one
+@pytest.mark.slow_where(xp_backend="jax", masked=True)
 def test_explain_dispatch_names_what_runs(xp_backend, causal, masked):
     bk = xp_backend
     rng = np.random.default_rng(0)

@@ -193,8 +193,7 @@ LOSS_KINDS = [("glu", {"depth": 2, "bias": True}), ("aoglu", {"depth": 3, "tied"
 @pytest.mark.parametrize("causal,masked,cross", [(False, True, True), (True, True, False), (False, False, False)],
                          ids=["cross-masked", "causal-masked", "plain"])
 @pytest.mark.slow_where(kind=("aoglu", "hedgehog", "ffn"))  # quick: glu, attention_kl, causal-masked
-@pytest.mark.slow_where(causal=False)
-@pytest.mark.slow_where(loss="output_mse")
+@pytest.mark.slow  # path against path; quick tier: test_value_and_grad_on_every_backend and the definition
 @pytest.mark.parametrize("loss", ["attention_kl", "output_mse"])
 @pytest.mark.parametrize("kind,opts", LOSS_KINDS, ids=[k + str(len(o)) for k, o in LOSS_KINDS])
 def test_value_and_grad_matches_torch_and_jax(kind, opts, loss, causal, masked, cross):

@@ -135,10 +135,16 @@ PATHS = [("fast", "auto"), ("core", "auto"), ("core", "naive"), ("core", "recurr
 # quick tier (-m "not slow"): every path on numpy, array_api_strict, torch and dask; jax (a compile
 # per example) on its fast path
 @pytest.mark.slow_where(xp_backend="jax", path="core")
+@pytest.mark.slow_where(xp_backend="jax", sizes="all")  # jax quick: one length (a compile per shape)
+@pytest.mark.slow_where(xp_backend=("numpy", "array_api_strict", "torch", "dask", "cupy"), sizes="one")  # repeat
+@pytest.mark.slow_where(xp_backend="dask", path="core", method=("naive", "recurrent"))  # dask quick: fast, core-auto
+@pytest.mark.parametrize("sizes", ["all", "one"])
 @pytest.mark.parametrize("path, method", PATHS, ids=[f"{p}-{m}" for p, m in PATHS])
-def test_causal_future_and_padding_never_leak(xp_backend, path, method):
-    @SETTINGS
-    @given(planted(causal=True, sizes=(1, 9) if method == "recurrent" else (1, 13, 21)))
+def test_causal_future_and_padding_never_leak(xp_backend, path, method, sizes):
+    lengths = (1, 9) if method == "recurrent" else (1, 13, 21)
+
+    @settings(SETTINGS, max_examples=6 if sizes == "all" else 2)
+    @given(planted(causal=True, sizes=lengths if sizes == "all" else lengths[-1:]))
     def run(case):
         _check(xp_backend, case, causal=True, backend="agnostic" if path == "core" else None, method=method)
 

@@ -193,6 +193,7 @@ def test_encoder_block_is_pre_layernorm():
     assert np.all(np.isfinite(np.asarray(noisy))) and rel_rms_error(noisy, out) > 1e-3
 
 
+@pytest.mark.slow  # quick tier: jax.grad through the core (test_autodiff.py), which the module's gradient is
 def test_module_gradients_match_the_core(monkeypatch):
     """nnx.grad through the modules with the JAX fast path equals the array-API core's."""
     block = EncoderBlock(16, 2, feature_map="glu", causal=True, dropout=0.0, rngs=nnx.Rngs(0))

@@ -51,8 +51,8 @@ def test_example_from_the_paper():
 
 @pytest.mark.parametrize("cfg", [
     lo.ListOpsConfig(max_depth=4, max_args=5, min_length=5, max_length=60, train=300, validation=50, test=50, seed=1),
-    lo.ListOpsConfig(max_depth=10, max_args=10, min_length=100, max_length=400, train=200, validation=30,
-                     test=30, seed=2),
+    pytest.param(lo.ListOpsConfig(max_depth=10, max_args=10, min_length=100, max_length=400, train=200,
+                                  validation=30, test=30, seed=2), marks=pytest.mark.slow),  # long sequences
 ])
 def test_every_label_matches_an_independent_evaluator_and_limits_hold(cfg):
     splits = lo.build(cfg, verbose=False)

@@ -178,6 +178,7 @@ def test_flax_kernel_bias_warns_and_builds_the_same_module(cls):
         cls(16, 2, kernel_bias=True, feature_map_bias=True, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow  # builds Flax modules (compiles); the signatures are compared in the quick tier
 def test_flax_block_passes_the_shared_options_to_its_attention():
     block = jax_nn.EncoderBlock(16, 2, feature_map="aoglu", depth=2, rank=3, tied=False, causal=True, eps=1e-5,
                                 chunk_size=8, head_dim=4, rngs=nnx.Rngs(0))

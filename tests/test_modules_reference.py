@@ -64,7 +64,7 @@ def test_torch_module_matches_definition(causal):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-@pytest.mark.slow_where(causal=False)
+@pytest.mark.slow  # quick tier: test_jax_nn.py's formula test and the new-kind Flax test (causal)
 def test_flax_module_matches_definition(causal):
     import flax.nnx as nnx  # flax, like torch, is in the test extra: missing means failing
     import jax

@@ -156,6 +156,8 @@ def test_same_seed_same_map_on_every_library():
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.slow_where(xp_backend="jax", causal=True, masked=False)  # jax quick: plain and causal-masked
+@pytest.mark.slow_where(xp_backend="jax", causal=False, masked=True)
 def test_attention_matches_definition(xp_backend, causal, masked):
     bk = xp_backend
     q, k, v, _, mask = data()
@@ -182,6 +184,7 @@ def test_cross_attention_untied_matches_definition(xp_backend):
     assert rel(to_numpy(out), ref) < 1e-10
 
 
+@pytest.mark.slow_where(xp_backend="jax")  # jax quick: the decoder object below
 def test_decode_steps_match_causal_definition(xp_backend):
     bk = xp_backend
     q, k, v, _, mask = data(1)
