@@ -48,15 +48,21 @@ def _compute_dtype(dtype):
     return torch.float32 if dtype in _HALF else dtype
 
 
+_TRITON_IMPORTS: list = []  # [True] or [False] once the Triton kernels' module was tried
+
+
 def _triton_ready(device_type: str) -> bool:
     setting = os.environ.get(TRITON_ENV, "1").strip().lower()
     if setting == "0" or (device_type != "cuda" and setting != "force"):
         return False
-    try:
-        from kernelattn.backends import _triton_linear  # noqa: F401
-    except Exception:  # triton missing or broken: the torch path runs instead
-        return False
-    return True
+    if not _TRITON_IMPORTS:  # tried once: a failed import is not retried on every call
+        try:
+            from kernelattn.backends import _triton_linear  # noqa: F401
+        except Exception:  # triton missing or broken: the torch path runs instead
+            _TRITON_IMPORTS.append(False)
+        else:
+            _TRITON_IMPORTS.append(True)
+    return _TRITON_IMPORTS[0]
 
 
 def _needs_grad(phi, tensors) -> bool:
