@@ -6,8 +6,8 @@ and then each :meth:`~LinearAttentionDecoder.step` costs the feature map on
 one token and the state update: in place in torch (when autograd is not
 recording) and NumPy, a jit-compiled step with donated state in JAX, and the
 array-API form for every other library. The torch and JAX steps live with
-their adapters (``backends/_torch_decode.py``, ``backends/_jax_decode.py``). :func:`decode_step` is the pure
-function underneath (no checks, no mutation), for ``jax.grad`` and friends.
+their adapters (``backends/_torch_decode.py``, ``backends/_jax_decode.py``).
+:func:`decode_step` is the pure function underneath (no checks, no mutation), for ``jax.grad`` and friends.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from .attention import LinearAttentionState
 from .feature_maps import as_feature_map
 
 __all__ = ["LinearAttentionDecoder", "decode_step"]
-
 
 
 def _features(phi, q, k, *, xp):
@@ -72,6 +71,7 @@ def decode_step(phi, S, z, q, k, v, key_mask=None, *, eps=1e-6):
     num = xp.matmul(fq[..., None, :], S)[..., 0, :]
     den = xp.sum(fq * z, axis=-1, keepdims=True)
     return cast(normalise(num, den, eps, xp=xp), dtype, xp=xp), S, z
+
 
 class LinearAttentionDecoder:
     """Causal linear attention one token at a time, bound to ``feature_map``.
