@@ -34,6 +34,7 @@ from .grad import DistillationGrads, LinearAttentionGrads, feature_map_vjp, line
 from .decoding import LinearAttentionDecoder, decode_step
 from .fit import ApproximationError, FitHistory, approximation_error, fit_feature_map
 from . import data, losses, optim
+from .pretrained import linearize, load_linearized, save_linearized
 from ._dispatch import Resolution, register_backend, unregister_backend
 from . import _dispatch
 
@@ -130,6 +131,8 @@ __all__ = sorted([
     "linear_attention_step",
     "linear_attention_vjp",
     "linear_attention_weights",
+    "linearize",
+    "load_linearized",
     "losses",
     "num_params",
     "kinds",
@@ -137,6 +140,7 @@ __all__ = sorted([
     "orthogonality_penalty",
     "register_backend",
     "register_feature_map",
+    "save_linearized",
     "softmax_attention",
     "softmax_attention_weights",
     "unregister_backend",

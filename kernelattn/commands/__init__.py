@@ -12,5 +12,6 @@ COMMANDS = {
     "compare": "compare",
     "bench": "bench",
     "listops": "listops",
+    "linearize": "linearize",
 }
 DEFAULT = "demo"
