@@ -235,8 +235,8 @@ def _switch(base):
 
 
 def linearize(model, calibration=None, *, kind="hedgehog", feature_dim=None, depth=1, rank=None, bias=False,
-              tokenizer=None, max_length=128, loss="attention_kl", steps=300, lr=1e-2, batch_size=16,
-              finetune_steps=0, finetune_lr=1e-3, eps=1e-6, seed=0, progress=True, copy_model=True):
+              tokenizer=None, max_length=128, loss="output_mse", steps=300, lr=1e-2, batch_size=16,
+              finetune_steps=0, finetune_lr=6e-3, eps=1e-6, seed=0, progress=True, copy_model=True):
     """See :func:`kernelattn.linearize`."""
     spec = _spec(kind, feature_dim, depth, rank, bias, eps)
     loss = _check.choice("loss", loss, LOSSES)
@@ -274,7 +274,7 @@ def linearize(model, calibration=None, *, kind="hedgehog", feature_dim=None, dep
     if batches is not None and trainable and finetune_steps:
         _stage2(base0, base, attn, batches, steps=finetune_steps, lr=finetune_lr, seed=seed, progress=progress,
                 report=report)
-    lin.kernelattn_spec = dict(spec)
+    lin.kernelattn_spec = base.kernelattn_spec = dict(spec)
     return lin, report
 
 
@@ -382,10 +382,10 @@ def _stage2(base0, base, attn, batches, *, steps, lr, seed, progress, report):
                 opt.zero_grad(set_to_none=True)
                 err.backward()
                 opt.step()
-            report.stage2_loss.append(float(err))
+            report.stage2_loss.append(float(err.detach()))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(err):.4f}", refresh=False)
+                bar.set_postfix(loss=f"{report.stage2_loss[-1]:.4f}", refresh=False)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -400,6 +400,8 @@ def _stage2(base0, base, attn, batches, *, steps, lr, seed, progress, report):
 
 def _spec_of(model):
     spec = getattr(model, "kernelattn_spec", None)
+    if spec is None and isinstance(model, nn.Module):
+        spec = getattr(_base_model(model), "kernelattn_spec", None)
     if spec is None:
         raise ValueError(f"{type(model).__name__} is not a linearized model (made by ka.linearize or "
                          "ka.load_linearized)")

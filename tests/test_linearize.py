@@ -198,7 +198,8 @@ def test_stage1_fits_every_layer_to_its_softmax_attention():
     model = tiny_bert()
     train, held = calibration(8, seed=10), calibration(3, seed=50)
     untrained, _ = ka.linearize(model, kind="hedgehog", steps=0, progress=False)
-    lin, report = ka.linearize(model, train, kind="hedgehog", steps=60, lr=0.05, progress=False)
+    lin, report = ka.linearize(model, train, kind="hedgehog", loss="attention_kl", steps=60, lr=0.05,
+                               progress=False)
     assert len(report.stage1_loss) == 60 and len(report.stage1_loss[0]) == 2
     assert report.sequences == 32 and report.stage1_seconds > 0
     before, after = _layer_kl(model, untrained, held), _layer_kl(model, lin, held)
@@ -331,3 +332,80 @@ def test_real_minilm_linearizes_close_to_the_original():
     cos_elu = torch.nn.functional.cosine_similarity(a, c).mean().item()
     assert cos > 0.85 and cos > cos_elu + 0.2, (cos, cos_elu)
     assert math.isfinite(cos)
+
+
+# --- the command ------------------------------------------------------------------------------------------
+
+def test_agreement_measures():
+    from kernelattn.commands.linearize import agreement
+
+    x = np.random.default_rng(0).standard_normal((20, 8))
+    same = agreement(x, 3 * x)
+    assert same == pytest.approx({"cos_mean": 1, "cos_p5": 1, "top1": 1, "top5": 1, "spearman": 1})
+    noisy = agreement(x, x + 0.3 * np.random.default_rng(1).standard_normal((20, 8)))
+    assert 0.8 < noisy["cos_mean"] < 1 and noisy["cos_p5"] <= noisy["cos_mean"]
+    assert 0 < noisy["spearman"] < 1 and noisy["top1"] <= 1
+    other = agreement(x, np.random.default_rng(2).standard_normal((20, 8)))
+    assert abs(other["spearman"]) < 0.3 and other["top1"] < 0.5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kinds", "softmax"], "--kinds: expected comma-separated names"),
+    (["--kinds", "elu,elu"], "--kinds: expected distinct kinds"),
+    (["--held-out", "3"], "--held-out: expected at least 6"),
+    (["--time-lengths", "1024"], "--time-lengths: expected lengths from 3 to 512"),
+    (["--steps", "-1"], "--steps"),
+])
+def test_command_refuses_bad_options(argv, message, capsys):
+    from kernelattn.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["linearize", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_command_runs_end_to_end(tmp_path, capsys):
+    from kernelattn.cli import main
+
+    out = tmp_path / "lin"
+    assert main(["linearize", "--kinds", "hedgehog,elu", "--steps", "4", "--finetune-steps", "2",
+                 "--train-texts", "16", "--held-out", "12", "--time-lengths", "16", "--time-batch", "2",
+                 "--no-progress", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| hedgehog |" in text and "| elu+1 |" in text and "softmax (original)" in text
+    assert "every trainable kernel ahead of every untrained drop-in" in text
+    for name in ("results.md", "results.rst", "results.json", "linearize.png", "hedgehog.safetensors"):
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_output_attentions_and_training_mode_still_run():
+    lin, _ = ka.linearize(tiny_bert(), kind="elu", progress=False)
+    out = lin(**batch([5, 3]), output_attentions=True)
+    assert out.attentions in ((), None) or all(a is None for a in out.attentions)  # documented: no N x L weights
+    lin.train()  # attention dropout has nothing to drop: the output is the eval one
+    a = lin(**batch([5, 3])).last_hidden_state
+    lin.eval()
+    assert torch.equal(a, lin(**batch([5, 3])).last_hidden_state)
+
+
+@pytest.mark.parametrize("family", ["roberta", "electra"])
+def test_models_built_on_bert_linearize_too(family):
+    """RoBERTa and ELECTRA (their own classes, BERT's attention layout) against the same definition."""
+    from transformers import ElectraConfig, ElectraModel, RobertaConfig, RobertaModel
+
+    config_cls, model_cls, extra = {"roberta": (RobertaConfig, RobertaModel, {}),
+                                    "electra": (ElectraConfig, ElectraModel, {"embedding_size": 16})}[family]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=64, pad_token_id=1,
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **extra)).eval()
+    lin, report = ka.linearize(model, kind="hedgehog", steps=0, progress=False)
+    assert report.layers == 2
+    inputs = batch([7, 4])
+    inputs["input_ids"] = torch.where(inputs["attention_mask"].bool(), inputs["input_ids"].clamp_min(2), 1)
+    keep = inputs["attention_mask"].bool()
+    got = lin(**inputs).last_hidden_state[keep]
+    want = definition_of(lin)(**inputs).last_hidden_state[keep]
+    assert rel(got, want) < 1e-5

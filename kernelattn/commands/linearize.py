@@ -57,14 +57,14 @@ def add_arguments(p):
     p.add_argument("--kinds", type=choice_list(kinds.names()), default=list(DEFAULT_KINDS), metavar="KIND,...",
                    help=f"comma-separated kinds (default {','.join(DEFAULT_KINDS)}); untrainable ones are drop-ins")
     p.add_argument("--steps", type=nonnegative_int, default=300, help="stage 1 steps (default %(default)s)")
-    p.add_argument("--finetune-steps", type=nonnegative_int, default=150,
+    p.add_argument("--finetune-steps", type=nonnegative_int, default=200,
                    help="stage 2 steps, phi only, end to end (default %(default)s; 0 skips stage 2)")
     p.add_argument("--lr", type=positive_float, default=1e-2, help="stage 1 learning rate (default %(default)s)")
-    p.add_argument("--finetune-lr", type=positive_float, default=3e-3,
+    p.add_argument("--finetune-lr", type=positive_float, default=6e-3,
                    help="stage 2 learning rate (default %(default)s)")
-    p.add_argument("--loss", choices=("attention_kl", "output_mse"), default="attention_kl",
+    p.add_argument("--loss", choices=("output_mse", "attention_kl"), default="output_mse",
                    help="stage 1 loss per layer (default %(default)s)")
-    p.add_argument("--train-texts", type=positive_int, default=256,
+    p.add_argument("--train-texts", type=positive_int, default=1024,
                    help="calibration passages from the training modules (default %(default)s)")
     p.add_argument("--held-out", type=positive_int, default=512,
                    help="held-out sentences from other modules (default %(default)s; at least 6)")
@@ -122,12 +122,13 @@ def _label(kind):
     return LABELS.get(kind, kind)
 
 
-def _table(rows, timing, lengths):
+def _cells(rows, timing, lengths):
+    """(header, rows of cells) of the main table."""
     head = ["kernel", "phi params", "cos mean", "cos p5", "top-1 NN", "top-5 NN", "Spearman", "KL (mean layer)"]
     if timing:
         head += [f"ms N={n}" for n in lengths]
     head += ["linearize s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
         cells = [r["kernel"], f"{r['params']:,}"]
         if r["kernel"] == "softmax (original)":
@@ -137,9 +138,25 @@ def _table(rows, timing, lengths):
                       f"{100 * r['top5']:.1f} %", f"{r['spearman']:.3f}", f"{np.mean(r['layer_kl']):.3f}"]
         if timing:
             cells += [f"{1e3 * r['seconds'][str(n)]:.0f}" for n in lengths]
-        cells += ["" if r.get("linearize_s") is None else f"{r['linearize_s']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells += ["–" if r.get("linearize_s") is None else f"{r['linearize_s']:.0f}"]
+        body.append(cells)
+    return head, body
+
+
+def _table(rows, timing, lengths):
+    head, body = _cells(rows, timing, lengths)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+
+
+def _rst_table(rows, timing, lengths):
+    """The main table as an reStructuredText list-table (for the docs)."""
+    head, body = _cells(rows, timing, lengths)
+    out = [".. list-table::", "   :header-rows: 1", ""]
+    for cells in [head] + body:
+        out.append("   * - " + cells[0])
+        out += [f"     - {c}" for c in cells[1:]]
+    return "\n".join(out) + "\n"
 
 
 def _layer_table(rows):
@@ -165,12 +182,12 @@ def _plot(rows, path):
     ax1.set_yscale("log")
     ax1.set_xlabel("layer")
     ax1.set_ylabel("attention KL (held-out)")
-    ax1.set_title("how far each layer's attention is from softmax")
-    ax1.legend()
+    ax1.set_title("each layer's distance from softmax")
+    ax1.legend(fontsize=8, loc="lower left")
     ax2.boxplot([r["cos"] for r in fitted], whis=(5, 95), showfliers=False)
     ax2.set_xticks(range(1, len(fitted) + 1), [r["kernel"] for r in fitted])
     ax2.set_ylabel("cosine to the original embedding")
-    ax2.set_title("held-out sentence embeddings (box: quartiles, whiskers: 5-95 %)")
+    ax2.set_title("held-out sentences (whiskers: 5-95 %)")
     fig.suptitle("all-MiniLM-L6-v2 linearized with kernelattn")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -257,9 +274,11 @@ def _run(args, impl, original) -> int:
               f"{'yes' if worst > best_drop else 'no'} ({worst:.3f} vs {best_drop:.3f})")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table + "\n\nAttention KL per layer (held-out):\n\n" + layers + "\n")
+    with open(os.path.join(args.out, "results.rst"), "w") as f:
+        f.write(_rst_table(rows, bool(windows), args.time_lengths))
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "rows": rows}, f, indent=1)
-    written = ["results.md", "results.json"] + [f"{r['kind']}.safetensors" for r in trained]
+    written = ["results.md", "results.rst", "results.json"] + [f"{r['kind']}.safetensors" for r in trained]
     if not args.no_plot:
         try:
             _plot(rows, os.path.join(args.out, "linearize.png"))
