@@ -63,6 +63,18 @@ def _modules(split):
     return [(name, s) for i, (name, s) in enumerate(pairs) if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == held]
 
 
+def _evenly(items, limit):
+    """At most ``limit`` of ``items``, taken at even steps (all of them for None)."""
+    if limit is None:
+        return items
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ValueError(f"limit must be a positive int or None; got {limit!r}")
+    if limit >= len(items):
+        return items
+    step = len(items) / limit
+    return [items[int(i * step)] for i in range(limit)]
+
+
 def stdlib_sentences(split: str = "held_out", *, limit: int | None = None) -> list[str]:
     """Prose sentences from the standard library's docstrings.
 
@@ -95,13 +107,7 @@ def stdlib_sentences(split: str = "held_out", *, limit: int | None = None) -> li
     if split == "train":  # the same sentence in a held-out module would leak
         held = set(stdlib_sentences("held_out"))
         out = [s for s in out if s not in held]
-    if limit is not None:
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise ValueError(f"limit must be a positive int or None; got {limit!r}")
-        if limit < len(out):
-            step = len(out) / limit
-            out = [out[int(i * step)] for i in range(limit)]
-    return out
+    return _evenly(out, limit)
 
 
 def stdlib_passages(split: str = "train", *, sentences_per_passage: int = 4, limit: int | None = None) -> list[str]:
@@ -134,10 +140,4 @@ def stdlib_passages(split: str = "train", *, sentences_per_passage: int = 4, lim
             out.append(" ".join(sentences[i:i + size]))
             i += size
             size = size % sentences_per_passage + 1
-    if limit is not None:
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise ValueError(f"limit must be a positive int or None; got {limit!r}")
-        if limit < len(out):
-            step = len(out) / limit
-            out = [out[int(i * step)] for i in range(limit)]
-    return out
+    return _evenly(out, limit)
