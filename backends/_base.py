@@ -48,6 +48,12 @@ class Adapter:
         """
         return {}
 
+    #: optional: ``call_key(q, k, v, key_mask, state, feature_map) -> hashable or None``, everything the
+    #: checks of ``linear_attention`` and :meth:`facts` read from these arrays. A later call with the same key
+    #: (and the same options and feature-map object) skips them (kernelattn/attention.py's call cache).
+    #: None opts the call out (tracing, lazy arrays, subclasses).
+    call_key = None
+
     def facts_for(self, op: str, *, device_type: str, grad: bool) -> dict:
         """The facts :meth:`facts` would read from inputs on ``device_type`` that do (not) need gradients.
 

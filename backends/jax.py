@@ -82,6 +82,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.interpreters import partial_eval as _pe
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from kernelattn import _validation
@@ -160,13 +161,50 @@ def _add(a, b):
     return a if b is None else (a[0] + b[0], a[1] + b[1])
 
 
+def _causal_direct(phi_fn, params, q, k, v, key_mask, init, eps):
+    """Causal attention as the masked product ``tril(phi(Q) phi(K)^T) [V | 1]``: O(N^2), for N <= CAUSAL_MAX,
+    where it beats the chunked scan (``asv_benchmarks/shape_targets.py``); JAX differentiates it as it is."""
+    fq = phi_fn(params, q, "query")
+    fk = phi_fn(params, k, "key")
+    if key_mask is not None:
+        keep = key_mask[:, None, :, None]
+        fk = jnp.where(keep, fk, jnp.zeros_like(fk))
+        v = jnp.where(keep, v, jnp.zeros_like(v))
+    N = q.shape[2]
+    a = jnp.where(jnp.tril(jnp.ones((N, N), dtype=bool)), fq @ jnp.swapaxes(fk, -1, -2), 0.0)
+    num, den = a @ v, jnp.sum(a, axis=-1, keepdims=True)
+    if init is not None:
+        num, den = num + fq @ init[0], den + fq @ init[1][..., None]
+    state = _add((jnp.swapaxes(fk, -1, -2) @ v, jnp.sum(fk, axis=-2)), init)
+    return num * _jax_chunked._inverse_den(den, eps), state
+
+
+#: causal inputs up to this length take :func:`_causal_direct` (measured on a 2-core CPU, see above)
+CAUSAL_MAX = 256
+
+
+def _jit_traced_only(x) -> bool:
+    """Whether ``x`` is concrete or traced by ``jax.jit`` alone (no grad, vjp or vmap tracer on top)."""
+    return not isinstance(x, jax.core.Tracer) or isinstance(x, _pe.DynamicJaxprTracer)
+
+
+def _all_finite(arrays):
+    """One traced bool: every entry of every array is finite (a finite sum proves it; an overflowing sum
+    only sends the call to the isolating branch, which is right for any input)."""
+    sums = [jnp.sum(a, dtype=jnp.float32 if jnp.finfo(a.dtype).bits < 32 else a.dtype) for a in arrays]
+    return jnp.isfinite(sum(sums[1:], sums[0]))
+
+
 class JAXAdapter(Adapter):
     """Fast paths for JAX arrays: see the module docstring."""
 
     name = "jax"
     library = "jax"
     device_types = ("cpu", "cuda")
+    #: the finite-input check runs inside the graph (see :meth:`_guarded`), not in kernelattn/attention.py
+    isolates_inputs = True
     implementations = {
+        "jax:causal-direct": f"causal, N <= {CAUSAL_MAX}: the masked product tril(phi(Q) phi(K)^T) V, JAX autodiff",
         "jax:chunked-vjp": "causal: chunks in a lax.scan with a custom_vjp reverse scan (phi inside the loop)",
         "jax:state-readout": "non-causal: phi, the state (phi(K)^T V, sum phi(K)), the read-out",
         "jax:dot-product-attention": "jax.nn.dot_product_attention",
@@ -189,28 +227,81 @@ class JAXAdapter(Adapter):
         if op == "softmax_attention":
             return "jax:dot-product-attention", self.softmax_attention, "jax fast path: jax.nn.dot_product_attention"
         if static.get("causal"):
+            if static.get("length") == "short":
+                return "jax:causal-direct", self._causal_short, "jax fast path: the masked product (short sequence)"
             return "jax:chunked-vjp", self._causal, "jax fast path: chunked scan with a custom VJP"
         return "jax:state-readout", self._noncausal, "jax fast path: state and read-out"
+
+    #: the sequence-length buckets of the "length" fact (docs/_ext/support_matrix.py labels rows with them)
+    lengths = {"short": f"N ≤ {CAUSAL_MAX}", "long": f"N > {CAUSAL_MAX}"}
+
+    def facts_for(self, op, *, device_type, grad, length="long"):
+        return {"length": length} if op == "linear_attention" else {}
+
+    def facts(self, op, *, arrays, feature_map):
+        if op != "linear_attention" or not arrays or getattr(arrays[0], "ndim", 0) != 4:
+            return {}
+        return {"length": "short" if arrays[0].shape[2] <= CAUSAL_MAX else "long"}
 
     # -- linear attention ------------------------------------------------------
     def linear_attention(self, q, k, v, **kw):
         """The implementation :meth:`choose` names for this call (what dispatch runs)."""
-        return (self._causal if kw["causal"] else self._noncausal)(q, k, v, **kw)
+        if kw["causal"]:
+            return (self._causal_short if q.shape[2] <= CAUSAL_MAX else self._causal)(q, k, v, **kw)
+        return self._noncausal(q, k, v, **kw)
 
     def _causal(self, q, k, v, **kw):
-        return self._attend(q, k, v, **kw)
+        return self._guarded(q, k, v, direct=False, **kw)
+
+    def _causal_short(self, q, k, v, **kw):
+        return self._guarded(q, k, v, direct=True, **kw)
 
     def _noncausal(self, q, k, v, **kw):
-        return self._attend(q, k, v, **kw)
+        return self._guarded(q, k, v, direct=False, **kw)
+
+    def _guarded(self, q, k, v, *, key_mask, initial_state, causal, xp, **kw):
+        """Non-finite inputs kept from the outputs that must not see them (kernelattn/_agnostic/isolate.py).
+
+        Under tracing the check is a ``lax.cond`` on whether every input is finite: the plain
+        computation when it is (one reduction over the inputs), the isolating one otherwise, instead of
+        isolating every call. Eager calls look at the values in Python, as the other libraries do.
+        """
+        from kernelattn._agnostic import isolate
+        from kernelattn.attention import _isolated_inputs
+
+        k, v = isolate.drop_padding(k, v, key_mask, xp=xp)
+        state = () if initial_state is None else tuple(initial_state)
+        if not any(isinstance(a, jax.core.Tracer) for a in (q, k, v, *state)):
+            q, k, v, initial_state, guard = _isolated_inputs(q, k, v, None, initial_state, causal=causal, xp=xp)
+            out, st = self._attend(q, k, v, key_mask=key_mask, initial_state=initial_state, causal=causal, **kw)
+            return (out, st) if guard is None else isolate.poison(out, st, *guard, xp=xp)
+
+        def plain(args):
+            q, k, v, init = args
+            return self._attend(q, k, v, key_mask=key_mask, initial_state=init, causal=causal, **kw)
+
+        def isolating(args):
+            q, k, v, init, bad_rows, bad_state = isolate.isolate(*args, causal=causal, xp=xp)
+            out, st = self._attend(q, k, v, key_mask=key_mask, initial_state=init, causal=causal, **kw)
+            return isolate.poison(out, st, bad_rows, bad_state, xp=xp)
+
+        init = None if initial_state is None else tuple(initial_state)
+        leaves = (q, k, v, *state, *jax.tree_util.tree_leaves(kw["feature_map"]))
+        if not all(_jit_traced_only(a) for a in leaves):
+            # differentiated (or vmapped): a cond would keep the residuals of both branches, so isolate
+            return isolating((q, k, v, init))
+        return lax.cond(_all_finite((q, k, v, *state)), plain, isolating, (q, k, v, init))
 
     def _attend(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method,
-                initial_state, return_state, xp):
+                initial_state, return_state, direct):
         dtype = q.dtype
         cdt = _compute_dtype(dtype)
         q, k, v = (a.astype(cdt) for a in (q, k, v))
         phi_fn, params, q, k = _phi_and_inputs(feature_map, q, k)
         init = None if initial_state is None else tuple(s.astype(cdt) for s in initial_state)
-        if causal:
+        if causal and direct:
+            out, state = _causal_direct(phi_fn, params, q, k, v, key_mask, init, eps)
+        elif causal:
             out, state = _jax_chunked.causal_linear_attention(
                 phi_fn, params, q, k, v, key_mask=key_mask, initial_state=init, chunk_size=chunk_size, eps=eps)
         else:

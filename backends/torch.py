@@ -39,6 +39,11 @@ from kernelattn.backends._base import Adapter
 
 _DTYPES = ("float16", "bfloat16", "float32", "float64")  # bare names: kernelattn/_dispatch.py strips "torch."
 _HALF = (torch.float16, torch.bfloat16)
+#: the direct formula (backends/_torch_direct.py) runs on the CPU up to these lengths (N and L): measured
+#: against the blocked/fused paths with asv_benchmarks/shape_targets.py on a 2-core CPU; the causal form is
+#: O(N^2), so its limit is lower
+DIRECT_MAX = 2048
+CAUSAL_MAX = 256
 #: "0" keeps CUDA tensors off the Triton kernels (they then take the blocked torch path); "force" sends
 #: every device to them (for tests on CPU under TRITON_INTERPRET=1)
 TRITON_ENV = "KERNELATTN_TORCH_TRITON"
@@ -65,6 +70,15 @@ def _triton_ready(device_type: str) -> bool:
     return _TRITON_IMPORTS[0]
 
 
+def _length(arrays) -> str:
+    """"short", "medium" or "long": the bucket of the longest of N and L (q and k are arrays[0:2])."""
+    n = 0
+    for a in arrays[:2]:  # a plain loop: torch.compile traces this (no max() over a generator)
+        if a is not None and a.ndim == 4 and a.shape[2] > n:
+            n = a.shape[2]
+    return "short" if n <= CAUSAL_MAX else "medium" if n <= DIRECT_MAX else "long"
+
+
 def _needs_grad(phi, tensors) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -82,12 +96,18 @@ class TorchAdapter(Adapter):
     feature_forms = tuple(fmaps.FORMS)
     device_types = ("cpu", "cuda")
     implementations = {
+        "torch:direct": "the formula in whole-tensor ops (CPU, short and medium sequences; causal: the masked "
+                        "O(N^2) product), autograd through it",
         "torch:fused-blocks": "phi applied block by block inside the attention loop (no autograd, CPU; "
                               "inside torch.compile the custom op runs instead)",
         "torch:custom-op": "phi with torch ops, then the kernelattn::attend custom op (autograd, torch.compile)",
         "torch:triton": "phi with torch ops, then the Triton kernels (CUDA; inside torch.compile the custom op)",
         "torch:sdpa": "torch.nn.functional.scaled_dot_product_attention",
     }
+
+    #: the sequence-length buckets of the "length" fact (docs/_ext/support_matrix.py labels rows with them)
+    lengths = {"short": f"max(N, L) ≤ {CAUSAL_MAX}", "medium": f"{CAUSAL_MAX} < max(N, L) ≤ {DIRECT_MAX}",
+               "long": f"max(N, L) > {DIRECT_MAX}"}
 
     def supports(self, op: str, *, device_type: str, dtype: str, **static) -> bool | str:
         answer = super().supports(op, device_type=device_type, dtype=dtype, **static)
@@ -105,16 +125,49 @@ class TorchAdapter(Adapter):
         device = next((a.device for a in arrays if a is not None), None)
         # the same facts eager and under torch.compile (dispatch caches on them; torch.compile cannot see
         # a decision first taken while it traces): the compiled graph takes the custom op, see _compiled
-        return {"grad": _needs_grad(feature_map, arrays), "triton": _triton_ready("cpu" if device is None else device.type)}
+        return {"grad": _needs_grad(feature_map, arrays), "triton": _triton_ready("cpu" if device is None else device.type),
+                "length": _length(arrays)}
 
-    def facts_for(self, op, *, device_type, grad):
-        return {} if op != "linear_attention" else {"grad": bool(grad), "triton": _triton_ready(device_type)}
+    def call_key(self, q, k, v, key_mask, state, feature_map):
+        """What validation and :meth:`facts` read from a linear_attention call's arrays, as a hashable key
+        (kernelattn/attention.py's call cache); None where values cannot be looked at or for subclasses."""
+        T = torch.Tensor
+        if type(q) is not T or type(k) is not T or type(v) is not T or torch.compiler.is_compiling():
+            return None
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+        if wrapped(q) or wrapped(k) or wrapped(v):
+            return None
+        grad = torch.is_grad_enabled()
+        flags = None
+        if grad:
+            params = feature_map.parameters() if hasattr(feature_map, "parameters") else ()
+            flags = (q.requires_grad, k.requires_grad, v.requires_grad,
+                     *(getattr(p, "requires_grad", None) for p in params))  # (a map of another library: refused later)
+        mask = None
+        if key_mask is not None:
+            if type(key_mask) is not T:
+                return None
+            mask = (key_mask.shape, key_mask.dtype, key_mask.device)
+        st = None
+        if state is not None:
+            if not isinstance(state, tuple) or len(state) != 2 or any(type(a) is not T for a in state):
+                return None
+            st = tuple((a.shape, a.dtype, a.device, a.requires_grad) for a in state)
+        return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, flags, mask,
+                st, os.environ.get(TRITON_ENV), _length((q, k)))
+
+    def facts_for(self, op, *, device_type, grad, length="long"):
+        return {} if op != "linear_attention" else {"grad": bool(grad), "triton": _triton_ready(device_type),
+                                                     "length": length}
 
     def choose(self, op, *, device_type, dtype, **static):
         if op == "softmax_attention":
             return "torch:sdpa", self.softmax_attention, "torch fast path: SDPA"
         if static.get("triton"):
             return "torch:triton", self._attend_triton, "torch fast path on CUDA with Triton"
+        length = static.get("length", "long")
+        if device_type == "cpu" and (length == "short" or (length == "medium" and not static.get("causal"))):
+            return "torch:direct", self._attend_direct, f"torch fast path: the direct formula ({length} sequence)"
         form = getattr(kinds.get(static.get("kind")), "form", None)
         why = ("gradients are needed" if static.get("grad", False) else f"not on the CPU ({device_type})"
                if device_type != "cpu" else f"kind {static.get('kind')!r} has no torch form"
@@ -164,6 +217,15 @@ class TorchAdapter(Adapter):
             fk = torch.where(keep, fk, 0.0)
             vc = torch.where(keep, vc, 0.0)
         return fq.to(cdt).contiguous(), fk.to(cdt).contiguous(), vc.contiguous()
+
+    def _attend_direct(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method, initial_state,
+                       return_state, xp):
+        from kernelattn.backends import _torch_direct
+
+        return _torch_direct.attend(q, k, v, feature_map, causal=causal, key_mask=key_mask, eps=eps,
+                                    state=initial_state, return_state=return_state,
+                                    grad=_needs_grad(feature_map, (q, k, v, *(initial_state or ()))),
+                                    cdt=_compute_dtype(q.dtype))
 
     def _attend_custom_op(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method, initial_state,
                           return_state, xp):

@@ -318,6 +318,17 @@ def _choose(op, library, dev_type, dtype, static_items, backend, disabled) -> Re
     return Resolution(op, library, fn, reason, name)
 
 
+#: functions :func:`clear_cache` calls (caches elsewhere that hold decisions, e.g. kernelattn/attention.py's)
+_ON_CLEAR: list[Callable[[], None]] = []
+
+
+def on_clear(fn: Callable[[], None]) -> None:
+    """Have :func:`clear_cache` call ``fn`` too."""
+    _ON_CLEAR.append(fn)
+
+
 def clear_cache() -> None:
     """Forget cached decisions (after changing the environment switch, for instance)."""
     _DECIDED.clear()
+    for fn in _ON_CLEAR:
+        fn()

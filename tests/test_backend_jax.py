@@ -107,12 +107,25 @@ def _compare(fast, core, tol):
 # ---------------------------------------------------------------------------- dispatch
 
 
-def test_fast_path_is_chosen_for_jax_arrays():
+@pytest.fixture(autouse=True, params=["direct", "chunked"])
+def jax_path(request, monkeypatch):
+    """Every test twice: as dispatch has it (short causal inputs on the masked product), then with the
+    length limit at -1, so the same inputs take the chunked scan of long sequences."""
+    if request.param == "chunked":
+        monkeypatch.setattr(jax_backend, "CAUSAL_MAX", -1)
+    return request.param
+
+
+def test_fast_path_is_chosen_for_jax_arrays(jax_path):
     q = jnp.zeros((1, 1, 4, 2), jnp.float32)
+    short = jax_path == "direct"
     for causal in (False, True):
         res = ka.explain_dispatch("linear_attention", q, causal=causal, method="auto", masked=True, kind="glu")
-        assert res.backend == "jax" and res.implementation == ("jax:chunked-vjp" if causal else "jax:state-readout")
-        assert res.function == (jax_backend.ADAPTER._causal if causal else jax_backend.ADAPTER._noncausal)
+        want = ("jax:causal-direct" if short else "jax:chunked-vjp") if causal else "jax:state-readout"
+        assert res.backend == "jax" and res.implementation == want
+        fn = (jax_backend.ADAPTER._causal_short if short else jax_backend.ADAPTER._causal) if causal \
+            else jax_backend.ADAPTER._noncausal
+        assert res.function == fn
     for method in ("naive", "recurrent"):
         res = ka.explain_dispatch("linear_attention", q, causal=True, method=method, masked=False, kind="elu")
         assert res.backend == "agnostic" and "reference" in res.reason
@@ -283,7 +296,7 @@ def test_decoding_step_by_step_matches_the_full_call():
 # ---------------------------------------------------------------------------- jit, vmap
 
 
-def test_public_api_under_jit_traces_once_and_uses_the_custom_vjp():
+def test_public_api_under_jit_traces_once_and_uses_the_custom_vjp(jax_path):
     q, k, v, mask, _ = _inputs(2, 2, 20, 20, 4, 4, masked=True)
     phi = _phi("glu", {}, 2, 4)
     traces = []
@@ -308,9 +321,11 @@ def test_public_api_under_jit_traces_once_and_uses_the_custom_vjp():
     jg(phi, q, k, v, mask)
     jg(phi, 2 * q, k, v, mask)
     assert len(traces) == 1
-    # what jit compiles: one custom_vjp call (the fast path), no host callback
+    # what jit compiles: the fast path (the chunked scan's custom_vjp call; short inputs: the masked
+    # product, plain ops), under one cond on whether the inputs are finite; no host callback
     text = str(jax.make_jaxpr(f)(phi, q, k, v, mask))
-    assert "custom_vjp_call" in text and "callback" not in text
+    assert ("custom_vjp_call" in text) == (jax_path == "chunked") and "callback" not in text
+    assert text.count("cond[") == 1
 
 
 @pytest.mark.slow  # quick: vmap in test_autodiff.py::test_jax_float32_default_and_vmap

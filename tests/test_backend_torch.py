@@ -19,6 +19,7 @@ from kernelattn.backends import torch as torch_backend
 from kernelattn.testing import (reference_linear_attention, reference_softmax_attention, rel_rms_error,
                                 watch_torch_sizes)
 
+LIMITS = (torch_backend.CAUSAL_MAX, torch_backend.DIRECT_MAX)  # before any fixture changes them
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 5e-3, torch.float64: 1e-12}
 KINDS = [("ffn", {}), ("glu", {"depth": 2}), ("aoglu", {"depth": 2, "bias": True}), ("hedgehog", {"bias": True}),
          ("glu", {"tied": False, "feature_dim": 20}), ("favor", {}), ("elu", {}), ("relu", {})]
@@ -30,6 +31,17 @@ def _autograd_on():
     """These tests need autograd on; a command run in-process earlier may have switched it off."""
     with torch.enable_grad():
         yield
+
+
+@pytest.fixture(autouse=True, params=["direct", "blocked"])
+def torch_path(request, monkeypatch):
+    """Every test twice: as dispatch has it (short inputs on the direct formula,
+    ``backends/_torch_direct.py``), then with the length limits at -1, so the same inputs take the
+    blocked, fused and custom-op paths that long sequences take."""
+    if request.param == "blocked":
+        monkeypatch.setattr(torch_backend, "CAUSAL_MAX", -1)
+        monkeypatch.setattr(torch_backend, "DIRECT_MAX", -1)
+    return request.param
 
 
 def _phi(kind, opts, H, d, dtype=torch.float32, grad=False):
@@ -116,6 +128,31 @@ def test_torch_tensors_take_the_fast_paths_automatically():
     # naming the backend with a reference method runs that method on the core (issue 14, item 7)
     naive = ka.linear_attention(x, x, x, causal=True, method="naive", backend="torch")
     assert rel_rms_error(naive, reference_linear_attention(x, x, x, causal=True)) < 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_each_fixture_mode_runs_its_paths(torch_path, causal):
+    """The two modes of ``torch_path`` really run different code (names recorded by dispatch)."""
+    for grad in (False, True):
+        x = torch.ones(1, 2, 37, 4, requires_grad=grad)
+        with _dispatch.recording() as names:
+            ka.linear_attention(x, x, x, causal=causal)
+        blocked = "torch:custom-op" if grad else "torch:fused-blocks"
+        assert names == ["torch:direct" if torch_path == "direct" else blocked], (torch_path, grad)
+
+
+def test_lengths_pick_the_direct_formula_only_where_it_is_faster(monkeypatch):
+    monkeypatch.setattr(torch_backend, "CAUSAL_MAX", LIMITS[0])
+    monkeypatch.setattr(torch_backend, "DIRECT_MAX", LIMITS[1])
+
+    def name(n, causal, grad=False):
+        x = torch.ones(1, 1, n, 4, requires_grad=grad)
+        return ka.explain_dispatch("linear_attention", x, k=x, v=x, causal=causal).implementation
+
+    short, medium, long = torch_backend.CAUSAL_MAX, torch_backend.DIRECT_MAX, torch_backend.DIRECT_MAX + 1
+    assert name(short, True) == name(medium, False) == name(medium, False, grad=True) == "torch:direct"
+    assert name(short + 1, True) == name(long, False) == "torch:fused-blocks"
+    assert name(short + 1, True, grad=True) == name(long, False, grad=True) == "torch:custom-op"
 
 
 def test_environment_switch_sends_torch_to_the_core(monkeypatch):

@@ -200,15 +200,15 @@ def _support_matrix_rows():
     return module.rows()
 
 
-def _cpu_inputs(library, *, grad):
-    """(q, k, v) float32 arrays of ``library`` on its CPU; ``grad``: torch tensors that require gradients."""
-    a = np.ones((1, 2, 5, 4), np.float32)
+def _cpu_inputs(library, *, grad, n=5):
+    """(q, k, v) float32 (1, 2, n, 4) arrays of ``library`` on its CPU; ``grad``: torch tensors that require gradients."""
+    a = np.ones((1, 2, n, 4), np.float32)
     if library == "numpy":
         return a, a, a
     if library == "torch":
         import torch
 
-        return tuple(torch.ones(1, 2, 5, 4, requires_grad=grad) for _ in range(3))
+        return tuple(torch.ones(1, 2, n, 4, requires_grad=grad) for _ in range(3))
     if library == "jax":
         import jax.numpy as jnp
 
@@ -226,13 +226,22 @@ def test_support_matrix_is_explain_dispatch_on_every_cpu_row():
     libraries = {r[0] for r in rows}
     assert {"numpy", "torch", "jax", "dask"} <= libraries, libraries
     # the torch fast paths are in the table (it once compared "float32" with "torch.float32" and showed none)
-    assert {r[4] for r in rows if r[0] == "torch"} == {"torch:fused-blocks", "torch:custom-op", "torch:sdpa"}
+    assert {r[4] for r in rows if r[0] == "torch"} == {"torch:direct", "torch:fused-blocks", "torch:custom-op",
+                                                       "torch:sdpa"}
+    from kernelattn.backends import jax as jax_adapter
+    from kernelattn.backends import torch as torch_adapter
+
+    # a length inside each bucket the rows name (e.g. torch's "max(N, L) ≤ 256")
+    sizes = {"torch": {"short": 5, "medium": torch_adapter.CAUSAL_MAX + 1, "long": torch_adapter.DIRECT_MAX + 1},
+             "jax": {"short": 5, "long": jax_adapter.CAUSAL_MAX + 1}}
+    lengths = {lib: {_dispatch.load_adapter(lib).lengths[b]: n for b, n in by.items()} for lib, by in sizes.items()}
     checked = 0
     for library, op, dev, grad, implementation, reason in rows:
-        q, k, v = _cpu_inputs(library, grad=grad == "yes")
+        n = next((n for label, n in lengths.get(library, {}).items() if label in op), 5)
+        q, k, v = _cpu_inputs(library, grad=grad == "yes", n=n)
         phi = ka.feature_map("glu", num_heads=2, head_dim=4, seed=0, like=q)
         causal, masked = "(causal" in op, "key_mask" in op
-        key_mask = np.ones((1, 5), bool) if masked else None
+        key_mask = np.ones((1, n), bool) if masked else None
         if op.startswith("softmax"):
             res = ka.explain_dispatch("softmax_attention", q, k=k, v=v)
         else:

@@ -46,12 +46,20 @@ def _ran(fn):
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.slow_where(xp_backend="jax", causal=True)  # a compile per call: jax's quick case is the plain one
 @pytest.mark.slow_where(xp_backend="jax", masked=True)
-def test_explain_dispatch_names_what_runs(xp_backend, causal, masked):
+def test_explain_dispatch_names_what_runs(xp_backend, causal, masked, monkeypatch):
     bk = xp_backend
     rng = np.random.default_rng(0)
     grads = (False, True) if bk.name == "torch" else (False,)
+    # torch: as dispatch has it (short inputs: the direct formula), then with the length limits at -1
+    # (the paths of long sequences)
+    limits = (None, -1) if bk.name == "torch" else (None,)
     seen = set()
-    for grad in grads:
+    for grad, limit in ((g, lim) for lim in limits for g in grads):
+        if limit is not None:
+            from kernelattn.backends import torch as torch_adapter
+
+            monkeypatch.setattr(torch_adapter, "CAUSAL_MAX", limit)
+            monkeypatch.setattr(torch_adapter, "DIRECT_MAX", limit)
         q, k, v = (bk.asarray(rng.standard_normal((B, H, N, D))) for _ in range(3))
         if grad:
             q.requires_grad_(True)
@@ -68,7 +76,7 @@ def test_explain_dispatch_names_what_runs(xp_backend, causal, masked):
                     assert res.implementation in _dispatch.load_adapter(res.backend).implementations
     # the references stay on the core, and the library's fast path is named where it has one
     assert {"agnostic:naive"} <= seen
-    expected = {"numpy": {"numpy:blocked"}, "torch": {"torch:fused-blocks", "torch:custom-op"},
+    expected = {"numpy": {"numpy:blocked"}, "torch": {"torch:direct", "torch:fused-blocks", "torch:custom-op"},
                 "jax": {"jax:chunked-vjp" if causal else "jax:state-readout"}, "dask": {"dask:blockwise"},
                 "array_api_strict": set()}.get(bk.name, set())
     assert expected <= seen, seen
@@ -110,14 +118,16 @@ def test_triton_is_named_when_it_runs(xp_backend, monkeypatch):
     res = ka.explain_dispatch("linear_attention", q, k=q, v=q, causal=True)
     assert res.implementation == "torch:triton"
     assert _ran(lambda: ka.linear_attention(q, q, q, causal=True, chunk_size=4)) == ["torch:triton"]
-    monkeypatch.setenv("KERNELATTN_TORCH_TRITON", "0")
-    assert ka.explain_dispatch("linear_attention", q, k=q, v=q, causal=True).implementation == "torch:fused-blocks"
+    monkeypatch.setenv("KERNELATTN_TORCH_TRITON", "0")  # the CPU's own choice again (8 tokens: the direct formula)
+    assert ka.explain_dispatch("linear_attention", q, k=q, v=q, causal=True).implementation == "torch:direct"
 
 
 def test_explain_dispatch_takes_a_fact_directly():
     import torch
 
     q = torch.zeros(1, 1, 2, 2)
-    assert ka.explain_dispatch("linear_attention", q, feature_map="elu").implementation == "torch:fused-blocks"
-    res = ka.explain_dispatch("linear_attention", q, feature_map="elu", grad=True)
+    assert ka.explain_dispatch("linear_attention", q, feature_map="elu").implementation == "torch:direct"
+    assert ka.explain_dispatch("linear_attention", q, feature_map="elu", length="long").implementation == \
+        "torch:fused-blocks"
+    res = ka.explain_dispatch("linear_attention", q, feature_map="elu", grad=True, length="long")
     assert res.implementation == "torch:custom-op" and "gradients are needed" in res.reason

@@ -162,6 +162,27 @@ def test_padding_never_leaks_noncausal(xp_backend, path):
     run()
 
 
+@pytest.mark.backends("torch", "jax")
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_long_sequence_paths_never_leak(xp_backend, monkeypatch, causal):
+    """The tests above run short inputs on torch's direct formula and JAX's masked product; with the
+    length limits at -1 the same inputs take the paths of long sequences (torch: blocked, fused and
+    custom-op; JAX: the chunked scan)."""
+    import importlib
+
+    adapter = importlib.import_module(f"kernelattn.backends.{xp_backend.name}")
+    for name in ("CAUSAL_MAX", "DIRECT_MAX"):
+        if hasattr(adapter, name):
+            monkeypatch.setattr(adapter, name, -1)
+
+    @SETTINGS
+    @given(planted(causal=causal))
+    def run(case):
+        _check(xp_backend, case, causal=causal, backend=None, method="auto")
+
+    run()
+
+
 @pytest.mark.slow_where(xp_backend="jax")  # quick: jax's fast path in test_causal_future_and_padding_never_leak
 def test_nonfinite_query_poisons_only_its_row(xp_backend, rng):
     bk = xp_backend

@@ -39,11 +39,22 @@ def rows():
                 # a gradients column only where the adapter's choice reads it
                 grads = GRADS if "grad" in adapter.facts_for(op, device_type=dev, grad=True) else (None,)
                 for grad in grads:
-                    facts = adapter.facts_for(op, device_type=dev, grad=bool(grad))
-                    res = _dispatch.decide(op, library, dev, "float32", None, **{**facts, **static})
-                    name = op + (f" ({label})" if label else "")
-                    out.append((library, name, dev, {None: "–", False: "no", True: "yes"}[grad], res.implementation,
-                                res.reason))
+                    # one row per sequence-length bucket the adapter reads (torch: short, medium, long),
+                    # collapsed to one row where the decision does not depend on it
+                    lengths = getattr(adapter, "lengths", {None: ""})
+                    decided = []
+                    for length in lengths:
+                        extra = {} if length is None else {"length": length}
+                        facts = adapter.facts_for(op, device_type=dev, grad=bool(grad), **extra)
+                        res = _dispatch.decide(op, library, dev, "float32", None, **{**facts, **static})
+                        decided.append((lengths[length], res))
+                    if len({(r.implementation, r.reason) for _, r in decided}) == 1:
+                        decided = [("", decided[0][1])]
+                    for what, res in decided:
+                        parts = [p for p in (label, what) if p]
+                        name = op + (f" ({', '.join(parts)})" if parts else "")
+                        out.append((library, name, dev, {None: "–", False: "no", True: "yes"}[grad],
+                                    res.implementation, res.reason))
     return out
 
 

@@ -1,0 +1,64 @@
+"""Linear attention in a handful of whole-tensor torch ops, for short and medium sequences.
+
+At small N the blocked and fused paths of :mod:`kernelattn.backends._torch_ops`
+spend more on their loops than on arithmetic; here the formula is written
+out as a user would write it (``asv_benchmarks/shape_targets.py`` compares
+the two): phi of all tokens at once, then
+
+* non-causal: ``S = phi(K)^T V``, ``z = sum_j phi(k_j)``, ``out = phi(Q) S / phi(Q) z``;
+* causal: the masked product ``A = tril(phi(Q) phi(K)^T)``,
+  ``out = A V / rowsum(A)``: O(N^2) work, which below a few hundred tokens
+  beats the chunked form (see ``CAUSAL_MAX`` in ``backends/torch.py``).
+
+Autograd sees every op (out of place when gradients are needed, in place
+otherwise). Padded keys are selected away with ``where`` after phi, and a
+row with nothing to attend to gives zeros, as in the core
+(:func:`kernelattn._agnostic.attention.normalise`): its denominator becomes
++inf, so the row and its gradient are 0 for every eps >= 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernelattn.backends import _torch_fmap as fmaps
+
+
+def attend(q, k, v, phi, *, causal: bool, key_mask, eps: float, state, return_state: bool, grad: bool, cdt):
+    """``(out, (S, z) or None)``; q (B, H, N, d), k (B, H, L, d), v (B, H, L, e); state (S0, z0) or None."""
+    # in place only eagerly: the exact-softplus check of the in-place map reads a value (a graph break)
+    inplace = not grad and not torch.compiler.is_compiling()
+    fq = fmaps.apply(phi, q if q.dtype == cdt else q.to(cdt), role="query", inplace=inplace)
+    fk = fmaps.apply(phi, k if k.dtype == cdt else k.to(cdt), role="key", inplace=inplace)
+    vc = v if v.dtype == cdt else v.to(cdt)
+    if key_mask is not None:
+        keep = key_mask[:, None, :, None]
+        fk = torch.where(keep, fk, 0.0)
+        vc = torch.where(keep, vc, 0.0)
+    S0, z0 = (None, None) if state is None else (state[0].to(cdt), state[1].to(cdt))
+    S = z = None
+    if causal:
+        a = torch.matmul(fq, fk.transpose(-1, -2))
+        a = a.tril_() if inplace else a.tril()
+        num = torch.matmul(a, vc)
+        den = a.sum(-1, keepdim=True)
+        if S0 is not None:
+            num = num + torch.matmul(fq, S0)
+            den = den + torch.matmul(fq, z0.unsqueeze(-1))
+        if return_state:
+            S = torch.matmul(fk.transpose(-1, -2), vc)
+            z = fk.sum(-2)
+            if S0 is not None:
+                S, z = S + S0, z + z0
+    else:
+        S = torch.matmul(fk.transpose(-1, -2), vc)
+        z = fk.sum(-2)
+        if S0 is not None:
+            S, z = S + S0, z + z0
+        num = torch.matmul(fq, S)
+        den = torch.matmul(fq, z.unsqueeze(-1))
+    den = torch.where(den != 0, den + eps, torch.inf)
+    out = num.div_(den) if inplace else num / den
+    if out.dtype != q.dtype:
+        out = out.to(q.dtype)
+    return out, ((S, z) if return_state else None)
