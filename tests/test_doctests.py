@@ -19,6 +19,7 @@ MODULES = [
     "kernelattn.optim",
     "kernelattn.data._minilm",
     "kernelattn.backends.torch_nn",
+    "kernelattn.backends.torch_lm",
     "kernelattn.backends.jax",
     "kernelattn.backends.jax_nn",
 ]
