@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from kernelattn.decoding import _features
 
+#: forms of kernelattn/kinds.py whose features are never negative
+_NONNEGATIVE_FORMS = ("feedforward", "elu", "relu", "hedgehog", "favor")
 _FIELDS = ("phi", "xp", "eps", "dtype", "batch", "num_heads", "feature_dim", "value_dim")
 
 
@@ -42,6 +44,9 @@ class TorchDecoder:
         if getattr(phi, "form", None) == "feedforward" and phi.tied:
             self._blocks = phi.blocks("query")
         self._params = tuple(phi.parameters()) if hasattr(phi, "parameters") else ()
+        # every built-in form is >= 0, so den = 0 only where z = 0, and then num = 0 too: with eps > 0,
+        # num / (den + eps) is already the core's "zeros where den = 0" (two ops fewer per token)
+        self._plain_divide = getattr(phi, "form", None) in _NONNEGATIVE_FORMS and self.eps > 0
         self._step = self._step_torch
 
     def _phi_torch(self, x):
@@ -118,6 +123,9 @@ class TorchDecoder:
             Sz.baddbmm_(fk, vb)
             r = torch.bmm(fq, Sz)
             num, den = r[..., :e], r[..., e:]
-            out = torch.where(den != 0, num / (den + self.eps), 0.0)
+            if self._plain_divide:
+                out = num / den.add_(self.eps)
+            else:
+                out = torch.where(den != 0, num / (den + self.eps), 0.0)
         out = out.reshape(B, H, e)
         return out if out.dtype == self.dtype else out.to(self.dtype)

@@ -125,7 +125,9 @@ def _write_out(out, nu, t0, t1, eps, den=None):
     """
     d = nu[..., -1:]
     d = torch.where(d != 0, d + eps, torch.inf)
-    torch.div(nu[..., :-1], d, out=out[:, :, t0:t1])
+    # a temporary, then a copy: torch.div(..., out=) into this strided slice runs ~4x slower on CPU
+    # (measured at N = 16384, B = 1, H = 8: 50 ms against 13 ms for the whole output)
+    out[:, :, t0:t1] = nu[..., :-1] / d
     if den is not None:
         den[:, :, t0:t1] = d[..., 0]
 
