@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernelattn.backends._torch_fmap import NONNEGATIVE_FORMS
 from kernelattn.decoding import _features
 
-#: forms of kernelattn/kinds.py whose features are never negative
-_NONNEGATIVE_FORMS = ("feedforward", "elu", "relu", "hedgehog", "favor")
 _FIELDS = ("phi", "xp", "eps", "dtype", "batch", "num_heads", "feature_dim", "value_dim")
 
 
@@ -46,7 +45,7 @@ class TorchDecoder:
         self._params = tuple(phi.parameters()) if hasattr(phi, "parameters") else ()
         # every built-in form is >= 0, so den = 0 only where z = 0, and then num = 0 too: with eps > 0,
         # num / (den + eps) is already the core's "zeros where den = 0" (two ops fewer per token)
-        self._plain_divide = getattr(phi, "form", None) in _NONNEGATIVE_FORMS and self.eps > 0
+        self._plain_divide = getattr(phi, "form", None) in NONNEGATIVE_FORMS and self.eps > 0
         self._step = self._step_torch
 
     def _phi_torch(self, x):

@@ -59,8 +59,13 @@ def attend(q, k, v, phi, *, causal: bool, key_mask, eps: float, state, return_st
             S, z = S + S0, z + z0
         num = torch.matmul(fq, S)
         den = torch.matmul(fq, z.unsqueeze(-1))
-    den = torch.where(den != 0, den + eps, torch.inf)
-    out = num.div_(den) if inplace else num / den
+    if inplace and eps > 0 and getattr(phi, "form", None) in fmaps.NONNEGATIVE_FORMS:
+        # features >= 0: den = 0 only where z = 0, and then num = 0 too, so num / (den + eps) is already
+        # the core's zero row (two ops fewer); with gradients the core's form keeps them exactly zero there
+        out = num.div_(den.add_(eps))
+    else:
+        den = torch.where(den != 0, den + eps, torch.inf)
+        out = num.div_(den) if inplace else num / den
     if out.dtype != q.dtype:
         out = out.to(q.dtype)
     return out, ((S, z) if return_state else None)

@@ -142,7 +142,7 @@ def favor(x, omega):
 
 def elu_plus_one(x):
     """``elu(x) + 1``, positive."""
-    return F.elu(x) + 1.0
+    return F.elu(x).add_(1.0)  # in place is safe under autograd: elu saves its input, not its result
 
 
 def apply(phi, x, *, role: str, dropout: float = 0.0, training: bool = False, blocks=None, inplace: bool = False):
@@ -194,6 +194,9 @@ def _dropped(fn):
 
 
 #: form name (kernelattn/kinds.py) -> the torch version: ``form(x, blocks, buffers, *, dropout, training, inplace)``
+#: forms whose features are never negative (all of FORMS): den = 0 then only where z = 0
+NONNEGATIVE_FORMS = ("feedforward", "hedgehog", "elu", "relu", "favor")
+
 FORMS = {
     "feedforward": lambda x, blocks, buffers, *, dropout, training, inplace: feedforward(
         x, blocks, dropout=dropout, training=training, inplace=inplace),
