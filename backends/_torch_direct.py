@@ -24,6 +24,12 @@ import torch
 from kernelattn.backends import _torch_fmap as fmaps
 
 
+def _dot(fq, z):
+    """phi(q_i) . z for every row: (B, H, n, m), (B, H, m) -> (B, H, n, 1). A product and a sum: on the
+    CPU a batched matrix-vector product (matmul with one column) is 3-4x slower at every size measured."""
+    return (fq * z.unsqueeze(-2)).sum(-1, keepdim=True)
+
+
 def attend(q, k, v, phi, *, causal: bool, key_mask, eps: float, state, return_state: bool, grad: bool, cdt):
     """``(out, (S, z) or None)``; q (B, H, N, d), k (B, H, L, d), v (B, H, L, e); state (S0, z0) or None."""
     # in place only eagerly: the exact-softplus check of the in-place map reads a value (a graph break)
@@ -46,7 +52,7 @@ def attend(q, k, v, phi, *, causal: bool, key_mask, eps: float, state, return_st
         den = a.sum(-1, keepdim=True)
         if S0 is not None:
             num = num + torch.matmul(fq, S0)
-            den = den + torch.matmul(fq, z0.unsqueeze(-1))
+            den = den + _dot(fq, z0)
         if return_state:
             S = torch.matmul(fk.transpose(-1, -2), vc)
             z = fk.sum(-2)
@@ -58,7 +64,7 @@ def attend(q, k, v, phi, *, causal: bool, key_mask, eps: float, state, return_st
         if S0 is not None:
             S, z = S + S0, z + z0
         num = torch.matmul(fq, S)
-        den = torch.matmul(fq, z.unsqueeze(-1))
+        den = _dot(fq, z)
     if inplace and eps > 0 and getattr(phi, "form", None) in fmaps.NONNEGATIVE_FORMS:
         # features >= 0: den = 0 only where z = 0, and then num = 0 too, so num / (den + eps) is already
         # the core's zero row (two ops fewer); with gradients the core's form keeps them exactly zero there
