@@ -150,18 +150,29 @@ def _key_state(phi_fn, params, k, v, key_mask):
     return jnp.swapaxes(fk, -1, -2) @ v, jnp.sum(fk, axis=-2)
 
 
-def _readout(phi_fn, params, q, state, eps):
+def _divide(num, den, eps, plain):
+    """num / (den + eps), 0 where den = 0. ``plain``: the features are >= 0 and eps > 0, so den = 0 only
+    where num = 0 too and the plain quotient is already 0 there (used when nothing differentiates it:
+    the core's form keeps the gradient of such a row exactly zero)."""
+    return num / (den + eps) if plain else num * _jax_chunked._inverse_den(den, eps)
+
+
+#: forms of kernelattn/kinds.py whose features are never negative
+_NONNEGATIVE_FORMS = ("feedforward", "hedgehog", "elu", "relu", "favor")
+
+
+def _readout(phi_fn, params, q, state, eps, plain=False):
     """phi(Q) S / (phi(Q) z + eps) for a state shared by every query."""
     S, z = state
     fq = phi_fn(params, q, "query")
-    return (fq @ S) * _jax_chunked._inverse_den(fq @ z[..., None], eps)
+    return _divide(fq @ S, fq @ z[..., None], eps, plain)
 
 
 def _add(a, b):
     return a if b is None else (a[0] + b[0], a[1] + b[1])
 
 
-def _causal_direct(phi_fn, params, q, k, v, key_mask, init, eps):
+def _causal_direct(phi_fn, params, q, k, v, key_mask, init, eps, plain=False):
     """Causal attention as the masked product ``tril(phi(Q) phi(K)^T) [V | 1]``: O(N^2), for N <= CAUSAL_MAX,
     where it beats the chunked scan (``asv_benchmarks/shape_targets.py``); JAX differentiates it as it is."""
     fq = phi_fn(params, q, "query")
@@ -176,7 +187,7 @@ def _causal_direct(phi_fn, params, q, k, v, key_mask, init, eps):
     if init is not None:
         num, den = num + fq @ init[0], den + fq @ init[1][..., None]
     state = _add((jnp.swapaxes(fk, -1, -2) @ v, jnp.sum(fk, axis=-2)), init)
-    return num * _jax_chunked._inverse_den(den, eps), state
+    return _divide(num, den, eps, plain), state
 
 
 #: causal inputs up to this length take :func:`_causal_direct` (measured on a 2-core CPU, see above)
@@ -271,6 +282,10 @@ class JAXAdapter(Adapter):
 
         k, v = isolate.drop_padding(k, v, key_mask, xp=xp)
         state = () if initial_state is None else tuple(initial_state)
+        leaves = (q, k, v, *state, *jax.tree_util.tree_leaves(kw["feature_map"]))
+        differentiated = not all(_jit_traced_only(a) for a in leaves)
+        kw["plain"] = (not differentiated and kw["eps"] > 0
+                       and getattr(kw["feature_map"], "form", None) in _NONNEGATIVE_FORMS)
         if not any(isinstance(a, jax.core.Tracer) for a in (q, k, v, *state)):
             q, k, v, initial_state, guard = _isolated_inputs(q, k, v, None, initial_state, causal=causal, xp=xp)
             out, st = self._attend(q, k, v, key_mask=key_mask, initial_state=initial_state, causal=causal, **kw)
@@ -286,27 +301,26 @@ class JAXAdapter(Adapter):
             return isolate.poison(out, st, bad_rows, bad_state, xp=xp)
 
         init = None if initial_state is None else tuple(initial_state)
-        leaves = (q, k, v, *state, *jax.tree_util.tree_leaves(kw["feature_map"]))
-        if not all(_jit_traced_only(a) for a in leaves):
+        if differentiated:
             # differentiated (or vmapped): a cond would keep the residuals of both branches, so isolate
             return isolating((q, k, v, init))
         return lax.cond(_all_finite((q, k, v, *state)), plain, isolating, (q, k, v, init))
 
     def _attend(self, q, k, v, *, feature_map, causal, key_mask, eps, chunk_size, method,
-                initial_state, return_state, direct):
+                initial_state, return_state, direct, plain=False):
         dtype = q.dtype
         cdt = _compute_dtype(dtype)
         q, k, v = (a.astype(cdt) for a in (q, k, v))
         phi_fn, params, q, k = _phi_and_inputs(feature_map, q, k)
         init = None if initial_state is None else tuple(s.astype(cdt) for s in initial_state)
         if causal and direct:
-            out, state = _causal_direct(phi_fn, params, q, k, v, key_mask, init, eps)
+            out, state = _causal_direct(phi_fn, params, q, k, v, key_mask, init, eps, plain)
         elif causal:
             out, state = _jax_chunked.causal_linear_attention(
                 phi_fn, params, q, k, v, key_mask=key_mask, initial_state=init, chunk_size=chunk_size, eps=eps)
         else:
             state = _add(_key_state(phi_fn, params, k, v, key_mask), init)
-            out = _readout(phi_fn, params, q, state, eps)
+            out = _readout(phi_fn, params, q, state, eps, plain)
         return out.astype(dtype), (state if return_state else None)
 
     # -- library services (backends/_base.py) ----------------------------------
