@@ -19,6 +19,8 @@ IMPLS = {"kernelattn": "ka", "minimal": "minimal", "sdpa": "sdpa"}
 
 
 def _cases(lib, shape, causal, mode):
+    if lib not in LIBRARIES:
+        raise NotImplementedError(f"shape cases exist for {LIBRARIES}, not {lib}")
     return (st.torch_cases if lib == "torch" else st.jax_cases)(shape, causal, mode)
 
 
