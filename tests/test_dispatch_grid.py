@@ -52,14 +52,16 @@ def test_explain_dispatch_names_what_runs(xp_backend, causal, masked, monkeypatc
     grads = (False, True) if bk.name == "torch" else (False,)
     # torch: as dispatch has it (short inputs: the direct formula), then with the length limits at -1
     # (the paths of long sequences)
-    limits = (None, -1) if bk.name == "torch" else (None,)
+    limits = (None, -1) if bk.name in ("torch", "jax") else (None,)
     seen = set()
     for grad, limit in ((g, lim) for lim in limits for g in grads):
         if limit is not None:
-            from kernelattn.backends import torch as torch_adapter
+            import importlib
 
-            monkeypatch.setattr(torch_adapter, "CAUSAL_MAX", limit)
-            monkeypatch.setattr(torch_adapter, "DIRECT_MAX", limit)
+            adapter_module = importlib.import_module(f"kernelattn.backends.{bk.name}")
+            for name in ("CAUSAL_MAX", "DIRECT_MAX"):
+                if hasattr(adapter_module, name):
+                    monkeypatch.setattr(adapter_module, name, limit)
         q, k, v = (bk.asarray(rng.standard_normal((B, H, N, D))) for _ in range(3))
         if grad:
             q.requires_grad_(True)
@@ -77,7 +79,7 @@ def test_explain_dispatch_names_what_runs(xp_backend, causal, masked, monkeypatc
     # the references stay on the core, and the library's fast path is named where it has one
     assert {"agnostic:naive"} <= seen
     expected = {"numpy": {"numpy:blocked"}, "torch": {"torch:direct", "torch:fused-blocks", "torch:custom-op"},
-                "jax": {"jax:chunked-vjp" if causal else "jax:state-readout"}, "dask": {"dask:blockwise"},
+                "jax": {"jax:chunked-vjp", "jax:causal-direct"} if causal else {"jax:state-readout"}, "dask": {"dask:blockwise"},
                 "array_api_strict": set()}.get(bk.name, set())
     assert expected <= seen, seen
 
