@@ -65,9 +65,10 @@ def attend(q, k, v, phi, *, causal: bool, key_mask, eps: float, state, return_st
             S, z = S + S0, z + z0
         num = torch.matmul(fq, S)
         den = _dot(fq, z)
-    if inplace and eps > 0 and getattr(phi, "form", None) in fmaps.NONNEGATIVE_FORMS:
+    if inplace and eps > 0 and S0 is None and getattr(phi, "form", None) in fmaps.NONNEGATIVE_FORMS:
         # features >= 0: den = 0 only where z = 0, and then num = 0 too, so num / (den + eps) is already
-        # the core's zero row (two ops fewer); with gradients the core's form keeps them exactly zero there
+        # the core's zero row (two ops fewer); with gradients the core's form keeps them exactly zero there.
+        # Not with a given state: nothing makes a caller's S vanish where its z does
         out = num.div_(den.add_(eps))
     else:
         den = torch.where(den != 0, den + eps, torch.inf)

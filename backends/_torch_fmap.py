@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,9 +34,9 @@ def softplus(y):
 def softplus_(y):
     """Softplus of a fresh (B, H, n, m) tensor, in place, for inference (no autograd).
 
-    Usually ``log(1 + exp(y))`` with torch's ``exp`` and ``log``, which on CPU
-    are vectorised library calls several times faster here than the
-    ``log1p`` inside ``F.softplus``: three passes and no temporary. Its error
+    Usually ``log(1 + exp(y))`` in three in-place passes and no temporary
+    (:func:`_exp_add1_log_`), several times faster here than the ``log1p``
+    inside ``F.softplus``. Its error
     is absolute (~6e-8: ``1 + exp(y)`` rounds), so it is used only where every
     token (row) has a feature above softplus(-2) = 0.13, which bounds the
     relative error of every row's sums by ~1e-6, and no value is above 20
@@ -46,8 +47,21 @@ def softplus_(y):
         return softplus(y)
     lo, hi = torch.aminmax(y.amax(dim=-1))  # the smallest row maximum, the largest value
     if float(hi) <= 20.0 and float(lo) >= -2.0:
-        return y.exp_().add_(1.0).log_()
+        return _exp_add1_log_(y)
     return _softplus_exact_(y)
+
+
+def _exp_add1_log_(y):
+    """``log(1 + exp(y))`` in place. On the CPU through NumPy's float32 ``exp`` and ``log`` on the same
+    memory: its SIMD kernels, on one thread, beat torch's on two here (the ffn forward at N = 16384,
+    B = 1, H = 8: 2.17 -> 1.90 F, ``asv_benchmarks/torch_cpu_targets.py``); both are within a few ulp."""
+    if y.device.type == "cpu" and not y.requires_grad:
+        a = y.numpy()
+        np.exp(a, out=a)
+        np.add(a, 1.0, out=a)
+        np.log(a, out=a)
+        return y
+    return y.exp_().add_(1.0).log_()
 
 
 def _softplus_exact_(y):

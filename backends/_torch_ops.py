@@ -117,12 +117,17 @@ def _causal_block(fq, fk, va, S, chunk: int):
     return nu.view(B, H, n, E), S_next
 
 
-def _write_out(out, nu, t0, t1, eps, den=None):
+def _write_out(out, nu, t0, t1, eps, den=None, plain=False):
     """out[t0:t1] = num / (den + eps); keeps den + eps in ``den`` when given.
 
     A zero denominator (nothing to attend to) is stored as +inf: the row reads
     out as num / inf = 0 and the backward's 1 / den is 0, for every eps >= 0.
+    ``plain`` (nonnegative features, eps > 0, no state given, no ``den``):
+    there num is 0 wherever den is, so num / (den + eps) is that zero row already.
     """
+    if plain:
+        out[:, :, t0:t1] = nu[..., :-1] / nu[..., -1:].add_(eps)
+        return
     d = nu[..., -1:]
     d = torch.where(d != 0, d + eps, torch.inf)
     # a temporary, then a copy: torch.div(..., out=) into this strided slice runs ~4x slower on CPU
@@ -137,7 +142,8 @@ def _write_out(out, nu, t0, t1, eps, den=None):
 
 
 def forward_blocks(fq_of, fk_of, v, *, N: int, m: int, causal: bool, eps: float, chunk: int,
-                   state=None, keep=None, out_dtype=None, compute_dtype=None, want_den: bool = False):
+                   state=None, keep=None, out_dtype=None, compute_dtype=None, want_den: bool = False,
+                   nonnegative: bool = False):
     """Linear attention walking the tokens in blocks.
 
     Parameters
@@ -159,6 +165,8 @@ def forward_blocks(fq_of, fk_of, v, *, N: int, m: int, causal: bool, eps: float,
     out_dtype, compute_dtype : torch.dtype
     want_den : bool
         Also return den + eps, shape (B, H, N) (for the backward).
+    nonnegative : bool
+        The features are never negative (see :func:`_write_out`).
 
     Returns
     -------
@@ -173,6 +181,7 @@ def forward_blocks(fq_of, fk_of, v, *, N: int, m: int, causal: bool, eps: float,
     S = torch.zeros(B, H, m, E, dtype=cdt, device=dev) if state is None else state.to(cdt).clone()
     out = _torch_mem.empty((B, H, N, e), dtype=out_dtype or cdt, device=dev)
     den = torch.empty(B, H, N, dtype=cdt, device=dev) if want_den else None
+    plain = nonnegative and eps > 0 and state is None and not want_den
     if causal:
         segs = segments(N, chunk, block_tokens(B * H, max(m, e), chunk))
         buf = torch.ones(B, H, max((t1 - t0 for t0, t1, _ in segs), default=0), E, dtype=cdt, device=dev)
@@ -182,7 +191,7 @@ def forward_blocks(fq_of, fk_of, v, *, N: int, m: int, causal: bool, eps: float,
                 fk.masked_fill_(~keep[:, None, t0:t1, None], 0.0)
             va = _values_block(buf, v, t0, t1, keep)
             nu, S = _causal_block(fq_of(t0, t1), fk, va, S, c)
-            _write_out(out, nu, t0, t1, eps, den)
+            _write_out(out, nu, t0, t1, eps, den, plain)
         return out, S, den
     block = block_tokens(B * H, max(m, e), 1)
     Sv, z = S[..., :e].clone(), S[..., e].clone()
@@ -200,11 +209,12 @@ def forward_blocks(fq_of, fk_of, v, *, N: int, m: int, causal: bool, eps: float,
     S = torch.cat([Sv, z.unsqueeze(-1)], dim=-1)
     for t0 in range(0, N, block):
         t1 = min(t0 + block, N)
-        _write_out(out, torch.matmul(fq_of(t0, t1), S), t0, t1, eps, den)
+        _write_out(out, torch.matmul(fq_of(t0, t1), S), t0, t1, eps, den, plain)
     return out, S, den
 
 
-def forward_fused(q, k, v, *, fmap, m, causal, eps, chunk, state=None, keep=None, compute_dtype):
+def forward_fused(q, k, v, *, fmap, m, causal, eps, chunk, state=None, keep=None, compute_dtype,
+                  nonnegative=False):
     """Forward with phi applied block by block (no autograd): phi(Q), phi(K) never exist in full.
 
     ``fmap(x, role)`` maps a (B, H, n, d) slice, already in the compute dtype,
@@ -219,7 +229,8 @@ def forward_fused(q, k, v, *, fmap, m, causal, eps, chunk, state=None, keep=None
         return fmap(k[:, :, t0:t1].to(cdt), "key")
 
     out, S, _ = forward_blocks(fq_of, fk_of, v, N=q.shape[2], m=m, causal=causal, eps=eps, chunk=chunk,
-                               state=state, keep=keep, out_dtype=q.dtype, compute_dtype=cdt)
+                               state=state, keep=keep, out_dtype=q.dtype, compute_dtype=cdt,
+                               nonnegative=nonnegative)
     return out, S
 
 

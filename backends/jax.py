@@ -284,7 +284,8 @@ class JAXAdapter(Adapter):
         state = () if initial_state is None else tuple(initial_state)
         leaves = (q, k, v, *state, *jax.tree_util.tree_leaves(kw["feature_map"]))
         differentiated = not all(_jit_traced_only(a) for a in leaves)
-        kw["plain"] = (not differentiated and kw["eps"] > 0
+        # not with a caller's state: nothing makes its S vanish where its z does
+        kw["plain"] = (not differentiated and kw["eps"] > 0 and initial_state is None
                        and getattr(kw["feature_map"], "form", None) in _NONNEGATIVE_FORMS)
         if not any(isinstance(a, jax.core.Tracer) for a in (q, k, v, *state)):
             q, k, v, initial_state, guard = _isolated_inputs(q, k, v, None, initial_state, causal=causal, xp=xp)

@@ -266,7 +266,8 @@ class TorchAdapter(Adapter):
         if m is None:
             m = fmap(q[:, :, :0].to(cdt), "query").shape[-1]
         return ops.forward_fused(q, k, v, fmap=fmap, m=m, causal=causal, eps=eps, chunk=chunk, state=state,
-                                 keep=key_mask, compute_dtype=cdt)
+                                 keep=key_mask, compute_dtype=cdt,
+                                 nonnegative=getattr(phi, "form", None) in fmaps.NONNEGATIVE_FORMS)
 
     # -- library services (backends/_base.py) ----------------------------------
     def block(self, x):

@@ -73,7 +73,7 @@ def _inputs(B, H, N, L, d, e, dtype, seed=0, masked=False, state_m=None):
     return q, k, v, mask, state
 
 
-def _run(backend, q, k, v, phi, *, causal, mask, state, chunk, grad, return_state=True):
+def _run(backend, q, k, v, phi, *, causal, mask, state, chunk, grad, return_state=True, eps=1e-6):
     """Output, state, and the gradients of a loss touching both (to every input and parameter)."""
     leaves = []
     if grad:
@@ -87,7 +87,7 @@ def _run(backend, q, k, v, phi, *, causal, mask, state, chunk, grad, return_stat
     ctx = torch.enable_grad() if grad else torch.no_grad()
     with ctx:
         res = ka.linear_attention(q, k, v, feature_map=phi, causal=causal, key_mask=mask, chunk_size=chunk,
-                                  initial_state=state, return_state=return_state, backend=backend)
+                                  initial_state=state, return_state=return_state, backend=backend, eps=eps)
         out, st = res if return_state else (res, None)
         if not grad:
             return [out] + ([st.S, st.z] if st is not None else [])
@@ -230,6 +230,40 @@ def test_many_blocks_carry_the_state_across_blocks(monkeypatch, causal):
         fast = _run(None, q, k, v, phi, causal=causal, mask=mask, state=state, chunk=4, grad=grad)
         core = _run("agnostic", q, k, v, phi, causal=causal, mask=mask, state=state, chunk=4, grad=grad)
         _compare(fast, core, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("eps", [1e-6, 0.0], ids=["eps", "eps0"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("kind,opts", [k for k in KINDS if k[0] in ("ffn", "favor", "relu", "hedgehog")],
+                         ids=[i for k, i in zip(KINDS, KIND_IDS) if k[0] in ("ffn", "favor", "relu", "hedgehog")])
+def test_inference_without_state_keeps_empty_rows_zero(kind, opts, causal, eps):
+    """Inference with nonnegative features and no state divides directly (eps > 0): a batch item with no
+    valid key, rows whose features miss every key's (relu), and eps = 0 (which cannot) all match the core."""
+    B, H, N, d = 3, 2, 29, 6
+    phi = _phi(kind, opts, H, d)
+    q, k, v, mask, _ = _inputs(B, H, N, N, d, d, torch.float32, masked=True)
+    if kind == "relu":  # disjoint supports: every query row meets a zero denominator
+        q, k = q.abs() * torch.tensor([1.0, 0, 1, 0, 1, 0]), -k.abs() * torch.tensor([1.0, 0, 1, 0, 1, 0])
+    for key_mask in (mask, None):
+        fast = _run(None, q, k, v, phi, causal=causal, mask=key_mask, state=None, chunk=8, grad=False, eps=eps)
+        core = _run("agnostic", q, k, v, phi, causal=causal, mask=key_mask, state=None, chunk=8, grad=False, eps=eps)
+        _compare(fast, core, TOL[torch.float32])
+        if key_mask is not None:
+            assert torch.equal(fast[0][-1], torch.zeros_like(fast[0][-1]))  # no valid key: exact zeros
+        if kind == "relu":
+            assert torch.equal(fast[0], torch.zeros_like(fast[0])) and torch.isfinite(fast[0]).all()
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_inference_with_a_state_whose_z_vanishes_gives_zero_rows(causal):
+    """A caller's state may have S != 0 where z = 0; no valid key then leaves den = 0 and the core's zero row."""
+    B, H, N, d = 1, 2, 5, 4
+    q = torch.rand(B, H, N, d)
+    k, v = torch.randn(B, H, N, d), torch.randn(B, H, N, d)
+    state = (torch.ones(B, H, d, d), torch.zeros(B, H, d))
+    mask = torch.zeros(B, N, dtype=torch.bool)
+    fast = _run(None, q, k, v, ka.feature_map("relu"), causal=causal, mask=mask, state=state, chunk=8, grad=False)
+    assert torch.equal(fast[0], torch.zeros_like(fast[0]))
 
 
 def test_inference_softplus_is_softplus_over_the_whole_range():

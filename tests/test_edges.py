@@ -322,6 +322,26 @@ def test_zero_denominator_rows_give_zeros(xp_backend, rng, eps, causal):
         assert np.isfinite(out).all() and (out == 0).all()
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_zero_denominator_rows_with_a_callers_state(xp_backend, causal):
+    """A state the caller made up may have S != 0 where z = 0 (no sequence of nonnegative features does):
+    with no valid key, relu queries meet den = 0 and the definition's zero row, not S / eps."""
+    bk = xp_backend
+    rng = np.random.default_rng(5)
+    q, k, v = rng.random((1, H, 5, D)), rng.standard_normal((1, H, 5, D)), rng.standard_normal((1, H, 5, D))
+    S0, z0 = np.ones((1, H, D, D)), np.zeros((1, H, D))
+    key_mask = np.zeros((1, 5), dtype=bool)
+    ref = reference_linear_attention(q, k, v, feature_map="relu", causal=causal, key_mask=key_mask,
+                                     initial_state=(S0, z0))
+    assert (ref == 0).all()
+    args = [bk.asarray(a.astype(np.float32)) for a in (q, k, v)]
+    state = tuple(bk.asarray(a.astype(np.float32)) for a in (S0, z0))
+    for backend in (None, "agnostic"):
+        out = to_numpy(ka.linear_attention(*args, feature_map="relu", causal=causal, key_mask=bk.asarray(key_mask),
+                                           initial_state=state, backend=backend))
+        assert (out == 0).all(), backend
+
+
 @pytest.mark.backends(*GRADS)   # the libraries with a gradient path
 @pytest.mark.slow_where(xp_backend="jax", eps=1e-6)
 @pytest.mark.parametrize("eps", [0.0, 1e-6])
