@@ -154,8 +154,20 @@ def favor(x, omega):
     return torch.exp(proj - sq) * (1.0 / math.sqrt(m))
 
 
+#: below this many elements (and with no autograd) elu + 1 is formed as exp(min(x, 0)) + relu(x)
+ELU_SMALL = 1 << 17
+
+
 def elu_plus_one(x):
-    """``elu(x) + 1``, positive."""
+    """``elu(x) + 1``, positive.
+
+    For small tensors without autograd, ``exp(min(x, 0)) + relu(x)`` (the same function, exp rounded
+    once instead of expm1 + 1): torch's elu runs these sizes on one thread at ~1.6 ns an element,
+    ~40 % slower here at 16K-128K elements than the three in-place ops.
+    """
+    if x.numel() <= ELU_SMALL and not (x.requires_grad and torch.is_grad_enabled()) \
+            and not torch.compiler.is_compiling():
+        return torch.clamp(x, max=0.0).exp_().add_(torch.relu(x))
     return F.elu(x).add_(1.0)  # in place is safe under autograd: elu saves its input, not its result
 
 

@@ -85,13 +85,27 @@ def _all_finite(arrays, xp) -> bool:
     """
     total = 0.0
     for a in arrays:
-        if hasattr(a, "detach"):  # a value check, not part of the graph (torch warns on float(grad tensor))
+        if getattr(a, "requires_grad", False):  # a value check, not part of the graph (torch warns on float())
             a = a.detach()
-        if xp.finfo(a.dtype).bits < 32:  # a float16 sum overflows early
+        if _narrow(xp, a.dtype):  # a float16 sum overflows early
             total += float(xp.sum(a, dtype=xp.float32))
         else:
             total += float(a.sum() if hasattr(a, "sum") else xp.sum(a))
     return math.isfinite(total)
+
+
+_NARROW: dict = {}
+
+
+def _narrow(xp, dtype) -> bool:
+    """Whether ``dtype`` has fewer than 32 bits (remembered per dtype: this runs on every call)."""
+    try:
+        return _NARROW[dtype]
+    except KeyError:
+        narrow = _NARROW[dtype] = xp.finfo(dtype).bits < 32
+        return narrow
+    except TypeError:  # an unhashable dtype
+        return xp.finfo(dtype).bits < 32
 
 
 # -- the call cache ---------------------------------------------------------------

@@ -266,6 +266,22 @@ def test_inference_with_a_state_whose_z_vanishes_gives_zero_rows(causal):
     assert torch.equal(fast[0], torch.zeros_like(fast[0]))
 
 
+def test_elu_plus_one_both_forms_match_the_definition():
+    """Small inference tensors take exp(min(x, 0)) + relu(x); large ones and autograd take elu + 1."""
+    x = torch.cat([torch.linspace(-90, 90, 2001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.0, 1e30, -1e30])])
+    x = torch.cat([x, torch.tensor([float("inf"), float("-inf"), float("nan")])])
+    xd = x.double()
+    want = torch.where(xd > 0, xd + 1, torch.exp(xd))
+    for n in (x.numel(), _torch_fmap.ELU_SMALL + 1):  # the small form, then the large one
+        big = x.repeat(-(-n // x.numel()))[:n] if n > x.numel() else x
+        with torch.no_grad():
+            got = _torch_fmap.elu_plus_one(big)[: x.numel()].double()
+        w = want[: got.numel()]
+        fin = torch.isfinite(w)
+        assert float(((got[fin] - w[fin]).abs() / w[fin].clamp_min(1.0)).max()) < 1e-6
+        assert torch.equal(got[~fin].isnan(), w[~fin].isnan()) and (got[w == float("inf")] == float("inf")).all()
+
+
 def test_inference_softplus_is_softplus_over_the_whole_range():
     y = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([0.0, 20.0, 88.0, 89.0])])
     want = torch.nn.functional.softplus(y.double(), threshold=40)
