@@ -65,11 +65,14 @@ def attend(q, k, v, phi, *, causal: bool, key_mask, eps: float, state, return_st
             S, z = S + S0, z + z0
         num = torch.matmul(fq, S)
         den = _dot(fq, z)
-    if inplace and eps > 0 and S0 is None and getattr(phi, "form", None) in fmaps.NONNEGATIVE_FORMS:
-        # features >= 0: den = 0 only where z = 0, and then num = 0 too, so num / (den + eps) is already
-        # the core's zero row (two ops fewer); with gradients the core's form keeps them exactly zero there.
-        # Not with a given state: nothing makes a caller's S vanish where its z does
-        out = num.div_(den.add_(eps))
+    if eps > 0 and S0 is None and getattr(phi, "form", None) in fmaps.NONNEGATIVE_FORMS:
+        # features >= 0: den = 0 only where every product phi(q_i) . phi(k_j) is, and then num = 0 too, so
+        # num / (den + eps) is already the core's zero row (two ops fewer). Its gradient is the core's too:
+        # padded keys are zeros in phi(K) and V, and a feature that is 0 has derivative 0 in every form
+        # (relu, and the underflow of exp / softplus / sigmoid), so g / eps never gets past phi
+        # (tests/test_edges.py::test_zero_denominator_rows_have_zero_gradient). Not with a given state:
+        # nothing makes a caller's S vanish where its z does
+        out = num.div_(den.add_(eps)) if inplace else num / (den + eps)
     else:
         den = torch.where(den != 0, den + eps, torch.inf)
         out = num.div_(den) if inplace else num / den

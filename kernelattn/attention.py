@@ -99,10 +99,11 @@ _NARROW: dict = {}
 
 def _narrow(xp, dtype) -> bool:
     """Whether ``dtype`` has fewer than 32 bits (remembered per dtype: this runs on every call)."""
+    key = (type(dtype), dtype)  # the type first: array-api-strict warns when its dtypes meet NumPy's in ==
     try:
-        return _NARROW[dtype]
+        return _NARROW[key]
     except KeyError:
-        narrow = _NARROW[dtype] = xp.finfo(dtype).bits < 32
+        narrow = _NARROW[key] = xp.finfo(dtype).bits < 32
         return narrow
     except TypeError:  # an unhashable dtype
         return xp.finfo(dtype).bits < 32

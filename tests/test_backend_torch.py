@@ -293,6 +293,20 @@ def test_inference_softplus_is_softplus_over_the_whole_range():
     assert out[0].isnan() and out[1] == 100.0 and abs(float(out[2]) - 0.04858735) < 1e-6
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_inference_softplus_fast_form_is_relatively_exact(grad):
+    # every value <= 80: the exp / log1p form runs (NumPy's on the CPU, torch's where the tensor needs grad);
+    # rows of only very negative values must keep their relative accuracy (the rows' sums divide)
+    y = torch.cat([torch.linspace(-100, 80, 6001), torch.tensor([-87.0, -20.0, -1e-3, 0.0, 1e-30, 80.0])])
+    want = torch.nn.functional.softplus(y.double(), threshold=40)
+    x = y.clone().requires_grad_(True) if grad else y.clone()
+    with torch.no_grad():
+        got = _torch_fmap._exp_log1p_(x).detach().double() if grad else _torch_fmap.softplus_(x).double()
+    normal = want > 1e-37  # float32's normal range; below it only the absolute error can be small
+    assert float(((got - want).abs() / want)[normal].max()) < 1e-6
+    assert float((got - want).abs()[~normal].max()) < 1e-44
+
+
 def test_fused_path_with_large_activations_matches_the_core():
     B, H, N, d = 1, 2, 40, 8
     phi = _phi("ffn", {"bias": True}, H, d)
