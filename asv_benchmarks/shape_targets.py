@@ -15,9 +15,10 @@ forward (torch: ``inference_mode``; JAX: ``jit``) and forward+backward
 (gradients of q, k and v for a fixed cotangent). The fixed per-call cost
 is ``ka - minimal`` at B = H = N = 1, d = 64 (forward).
 
-Every case runs in interleaved rounds after a warm-up, and the median of
-the rounds is reported (the best beside it), so a load change on the
-machine falls on all cases alike. Targets: ka <= 1.1x minimal forward,
+Every case runs in interleaved rounds after a warm-up (the order rotates
+each round, and each case runs once untimed before its timed calls), and
+the median of the rounds is reported (the best beside it), so a load
+change on the machine falls on all cases alike. Targets: ka <= 1.1x minimal forward,
 <= 1.2x forward+backward; overhead <= 30 us (torch).
 
     python asv_benchmarks/shape_targets.py [--only torch|jax] [--rounds 9] [--shapes 0,1,2] [--rst FILE]
@@ -53,9 +54,13 @@ def measure(cases, *, rounds, sync, budget=0.05):
         for _ in range(min(reps[name], 20)):
             sync(fn())
     times = {name: [] for name in cases}
-    for _ in range(rounds):
-        for name, fn in cases.items():
-            n = reps[name]
+    names = list(cases)
+    for r in range(rounds):
+        # the order rotates each round, and each case runs once untimed first: whatever follows a large
+        # case (softmax's (N, N) scores) would otherwise always meet its cold caches and fresh pages
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, n = cases[name], reps[name]
+            sync(fn())
             t0 = time.perf_counter()
             for _ in range(n):
                 out = fn()
