@@ -364,8 +364,10 @@ def test_zero_denominator_rows_have_zero_gradient(xp_backend, rng, eps):
 
 @pytest.mark.backends(*GRADS)
 @pytest.mark.slow_where(xp_backend="jax", causal=False)
+@pytest.mark.slow_where(xp_backend="jax", eps=0.0)
+@pytest.mark.parametrize("eps", [0.0, 1e-6])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-def test_zero_denominator_rows_of_disjoint_features_have_the_definitions_gradient(xp_backend, causal):
+def test_zero_denominator_rows_of_disjoint_features_have_the_definitions_gradient(xp_backend, causal, eps):
     """relu features with disjoint supports: phi(q_i) != 0 and phi(k_j) != 0, yet every product is 0, so
     den = num = 0 on the first rows. Their output is 0 and their gradient is the definition's (0 for the
     row), not g / eps pushed through phi (a path that divides num / (den + eps) must not leak it)."""
@@ -377,14 +379,14 @@ def test_zero_denominator_rows_of_disjoint_features_have_the_definitions_gradien
     k[:, :, :6, :half] *= -1                  # the first 6 keys on the second half only
     v, g = rng.standard_normal((1, H, n, D)), rng.standard_normal((1, H, n, D))
     phi = ka.feature_map("relu")
-    kw = dict(causal=causal, eps=1e-6, chunk_size=4, method="auto")
+    kw = dict(causal=causal, eps=eps, chunk_size=4, method="auto")
     for backend in (None, "agnostic"):
         kw_b = dict(kw, backend=backend) if backend else kw
         key_mask = None if causal else np.arange(n)[None] < 6   # non-causal: only the disjoint keys
         out, grads = GRADS[xp_backend.name](xp_backend, q, k, v, g, phi, key_mask, kw_b)
-        ref = reference_linear_attention(q, k, v, feature_map="relu", causal=causal, key_mask=key_mask, eps=1e-6)
+        ref = reference_linear_attention(q, k, v, feature_map="relu", causal=causal, key_mask=key_mask, eps=eps)
         want = reference_linear_attention_vjp(q, k, v, g, feature_map="relu", causal=causal, key_mask=key_mask,
-                                              eps=1e-6)
+                                              eps=eps)
         assert (ref[:, :, :6] == 0).all() and (out[:, :, :6] == 0).all(), backend
         for name, got, exp in zip("qkv", grads, (want["q"], want["k"], want["v"])):
             assert np.isfinite(got).all(), (backend, name)
