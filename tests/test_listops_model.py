@@ -131,7 +131,7 @@ def test_orthogonality_penalty_counts_each_phi_call(attention):
                 expected += 2 * np.mean((gram - np.eye(W.shape[1])) ** 2)  # q pass + k pass
     got = model.orthogonality_penalty(0.3)
     assert got.ndim == 0
-    np.testing.assert_allclose(float(got), 0.3 * expected, rtol=1e-4)
+    np.testing.assert_allclose(float(got.detach()), 0.3 * expected, rtol=1e-4)
     got.backward()
     assert model.blocks[0].attn.attn.feature_map.params["shared"][0]["W"].grad.abs().sum() > 0
 
