@@ -70,7 +70,7 @@ def attend(q, k, v, phi, *, causal: bool, key_mask, eps: float, state, return_st
         # num / (den + eps) is already the core's zero row (two ops fewer). Its gradient is the core's too:
         # padded keys are zeros in phi(K) and V, and a feature that is 0 has derivative 0 in every form
         # (relu, and the underflow of exp / softplus / sigmoid), so g / eps never gets past phi
-        # (tests/test_edges.py::test_zero_denominator_rows_have_zero_gradient). Not with a given state:
+        # (tests/test_edges.py, the zero-denominator gradient tests). Not with a given state:
         # nothing makes a caller's S vanish where its z does
         out = num.div_(den.add_(eps)) if inplace else num / (den + eps)
     else:
