@@ -20,10 +20,18 @@ Targets (issue 4) and what this prints for each:
   peak extra memory printed);
 * crossover with SDPA at N <= 256 non-causal and N <= 512 causal.
 
+On Linux the script reruns itself with glibc's malloc thresholds pinned
+(``kernelattn._timing.STEADY_MALLOC``): freed memory is then reused, as F's
+preallocated buffers are, instead of every call's 32 MiB output arriving in
+fresh pages whose first write costs what the kernel and the hypervisor make
+of it (on the project's VM anywhere from 3 to 50 ms in one process).
+``--system-malloc`` keeps the defaults.
+
 Run from the repository root::
 
     python asv_benchmarks/torch_cpu_targets.py            # about 3-5 minutes
     python asv_benchmarks/torch_cpu_targets.py --quick    # fewer rounds, no N = 1e6
+    python asv_benchmarks/torch_cpu_targets.py --quick --system-malloc
 """
 
 from __future__ import annotations
@@ -109,7 +117,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="fewer rounds, skip N = 1,000,000")
     p.add_argument("--million-heads", type=int, default=8, help="H of the N = 1e6 causal forward")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc's default thresholds (by default the script reruns itself with "
+                        "kernelattn._timing.STEADY_MALLOC)")
     args = p.parse_args(argv)
+    malloc = _timing.rerun_with_steady_malloc(__file__, keep_system=args.system_malloc or argv is not None)
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = 3 if args.quick else args.rounds
@@ -122,6 +134,7 @@ def main(argv=None):
         print("WARNING: the machine is busy. Multi-threaded torch ops then wait on descheduled OpenMP threads "
               "(milliseconds per op), which distorts every method made of many small ops; rerun on a quiet "
               "machine, or compare with --threads 1.")
+    print(malloc)
     print(f"float32, B={B}, H={H}, d=m={d}, kernel 'ffn', N={N}, forward under torch.no_grad\n")
 
     q, k, v = (torch.randn(B, H, N, d) for _ in range(3))

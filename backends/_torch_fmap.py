@@ -31,33 +31,50 @@ def softplus(y):
     return F.softplus(y, beta=1.0, threshold=40.0 if y.dtype == torch.float64 else 20.0)
 
 
-def softplus_(y):
+def softplus_(y, again=None):
     """Softplus of a fresh (B, H, n, m) tensor, in place, for inference (no autograd).
 
-    Usually ``log1p(exp(y))`` in two in-place passes and no temporary
-    (:func:`_exp_log1p_`), faster here than ``F.softplus``. It is exact to a
-    few ulp, relative, over the whole float32 range below ``exp``'s overflow
-    (88.7): ``log1p`` keeps the relative error of ``exp`` or better. With a
-    value above 80 (or a NaN), :func:`_softplus_exact_` runs instead. float64
-    keeps :func:`softplus`.
+    Usually ``log1p(exp(y))`` in two in-place passes and no temporary, faster
+    here than ``F.softplus``: on the CPU through NumPy
+    (:func:`_exp_log1p_numpy_`), elsewhere torch's. It is exact to a few ulp,
+    relative, wherever ``exp(y)`` is finite: ``log1p`` keeps the relative
+    error of ``exp`` or better. Beyond (y > 88.7), :func:`_softplus_exact_`
+    runs instead; NaN and +-inf come out as softplus gives them.
+
+    ``again``: a function that makes ``y`` anew. With it, the CPU form skips
+    the check for large values (an ``amax`` pass): NumPy flags an overflow
+    after the fact, and the block is then made again (``y`` was overwritten)
+    and takes the exact form. float64 keeps :func:`softplus`.
     """
     if y.dtype != torch.float32 or y.numel() == 0:
         return softplus(y)
+    if y.device.type == "cpu" and not y.requires_grad:
+        if again is None and not float(y.amax()) <= 80.0:  # True for a NaN
+            return _softplus_exact_(y)
+        if _exp_log1p_numpy_(y):
+            return y
+        return _softplus_exact_(again())
     if float(y.amax()) <= 80.0:  # False for a NaN
-        return _exp_log1p_(y)
+        return y.exp_().log1p_()
     return _softplus_exact_(y)
 
 
-def _exp_log1p_(y):
-    """``log1p(exp(y))`` in place. On the CPU through NumPy's float32 ``exp`` and ``log1p`` on the same
-    memory: its SIMD kernels on one thread are as fast as torch's on two here, and leave torch's
-    threads idle (the ffn forward at N = 16384, B = 1, H = 8, ``asv_benchmarks/torch_cpu_targets.py``)."""
-    if y.device.type == "cpu" and not y.requires_grad:
-        a = y.numpy()
-        np.exp(a, out=a)
-        np.log1p(a, out=a)
-        return y
-    return y.exp_().log1p_()
+def _exp_log1p_numpy_(y) -> bool:
+    """``log1p(exp(y))`` in place through NumPy's float32 ``exp`` and ``log1p``; False if ``exp`` overflowed.
+
+    One NumPy thread is as fast here as torch's two (the ffn forward at N = 16384, B = 1, H = 8,
+    ``asv_benchmarks/torch_cpu_targets.py``). The overflow is NumPy's floating-point flag, seen after
+    the pass (``np.errstate`` is per thread), so no separate pass looks for large values. A NaN
+    raises no flag and stays NaN, +inf gives inf: both are softplus' values.
+    """
+    a = y.numpy()
+    try:
+        with np.errstate(over="raise"):
+            np.exp(a, out=a)
+    except FloatingPointError:
+        return False
+    np.log1p(a, out=a)
+    return True
 
 
 def _softplus_exact_(y):
@@ -116,11 +133,15 @@ def feedforward(x, blocks, *, dropout: float = 0.0, training: bool = False, inpl
 def _feedforward_inplace(x, blocks):
     last = len(blocks) - 1
     for i, block in enumerate(blocks):
-        y = torch.matmul(x, _param(block["W"], x))
-        if block.get("b") is not None:
-            y.add_(_bias(block["b"], y))
+        def pre(x=x, block=block):
+            y = torch.matmul(x, _param(block["W"], x))
+            if block.get("b") is not None:
+                y.add_(_bias(block["b"], y))
+            return y
+
+        y = pre()
         if i == last:
-            y = softplus_(y)
+            y = softplus_(y, again=pre)
         if "G" in block or "A" in block:
             if "G" in block:
                 g = torch.matmul(x, _param(block["G"], x))

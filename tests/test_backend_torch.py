@@ -8,6 +8,8 @@ kernelattn.testing; the custom op's backward vs finite differences
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -223,7 +225,9 @@ def test_many_blocks_carry_the_state_across_blocks(monkeypatch, causal):
     """Shrink the cache budget so that a short sequence spans many blocks (and a remainder)."""
     B, H, N, d = 2, 2, 75, 6
     monkeypatch.setattr(_torch_ops, "BLOCK_FLOATS", B * H * 8 * 16)
+    monkeypatch.setattr(_torch_ops, "NONCAUSAL_BLOCK_FLOATS", B * H * 8 * 16)
     assert len(_torch_ops.segments(N, 4, _torch_ops.block_tokens(B * H, 8, 4))) >= 6
+    assert N // _torch_ops.block_tokens(B * H, 8, 1, _torch_ops.NONCAUSAL_BLOCK_FLOATS) >= 4
     phi = _phi("aoglu", {"depth": 2, "feature_dim": 7}, H, d, grad=True)
     q, k, v, mask, state = _inputs(B, H, N, N, d, d, torch.float32, masked=True, state_m=7)
     for grad in (False, True):
@@ -301,20 +305,52 @@ def test_inference_softplus_fast_form_is_relatively_exact(grad):
     want = torch.nn.functional.softplus(y.double(), threshold=40)
     x = y.clone().requires_grad_(True) if grad else y.clone()
     with torch.no_grad():
-        got = _torch_fmap._exp_log1p_(x).detach().double() if grad else _torch_fmap.softplus_(x).double()
+        got = _torch_fmap.softplus_(x).detach().double()
     normal = want > 1e-37  # float32's normal range; below it only the absolute error can be small
     assert float(((got - want).abs() / want)[normal].max()) < 1e-6
     assert float((got - want).abs()[~normal].max()) < 1e-44
 
 
-def test_fused_path_with_large_activations_matches_the_core():
+@pytest.mark.parametrize("again", [False, True])
+@pytest.mark.parametrize("where", [0, 16, 1000, 98303])
+def test_inference_softplus_falls_back_where_exp_overflows(where, again):
+    # with ``again`` NumPy's exp reports an overflow anywhere in the block (SIMD body or tail) and the block,
+    # made again, takes the exact form; without it a max decides first. Values above exp's range (88.72)
+    # come out as themselves either way
+    y = torch.linspace(-30, 30, 98304)
+    y[where] = 88.75
+    want = torch.nn.functional.softplus(y.double(), threshold=40)
+    made = []
+
+    def remake():
+        made.append(1)
+        return y.clone()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the overflow is caught, never a RuntimeWarning
+        got = _torch_fmap.softplus_(y.clone(), again=remake if again else None).double()
+    assert float(((got - want).abs() / want.clamp_min(1.0)).max()) < 1e-6
+    assert float(got[where]) == pytest.approx(88.75, rel=1e-7)
+    assert len(made) == again
+    y[where] = 88.7  # still finite: the fast form with ``again``, relatively exact up to exp's overflow
+    got = _torch_fmap.softplus_(y.clone(), again=remake if again else None).double()
+    want = torch.nn.functional.softplus(y.double(), threshold=40)
+    assert float(((got - want).abs() / want.clamp_min(1.0)).max()) < 1e-6
+    assert len(made) == again
+
+
+def test_fused_path_with_large_activations_matches_the_core(torch_path, monkeypatch):
     B, H, N, d = 1, 2, 40, 8
     phi = _phi("ffn", {"bias": True}, H, d)
     q, k, v, _, _ = _inputs(B, H, N, N, d, d, torch.float32)
-    for causal in (False, True):  # x W far beyond softplus' linear threshold
+    exact = []
+    real = _torch_fmap._softplus_exact_
+    monkeypatch.setattr(_torch_fmap, "_softplus_exact_", lambda y: exact.append(1) or real(y))
+    for causal in (False, True):  # x W far beyond exp's range: the fused path makes such blocks again, exactly
         fast = _run(None, q * 40, k * 40, v, phi, causal=causal, mask=None, state=None, chunk=8, grad=False)
         core = _run("agnostic", q * 40, k * 40, v, phi, causal=causal, mask=None, state=None, chunk=8, grad=False)
         _compare(fast, core, TOL[torch.float32])
+    assert bool(exact) == (torch_path == "blocked")
 
 
 def test_segments_cover_the_sequence_in_whole_chunks():
