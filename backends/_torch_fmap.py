@@ -49,7 +49,7 @@ def softplus_(y, again=None):
     if y.dtype != torch.float32 or y.numel() == 0:
         return softplus(y)
     if y.device.type == "cpu" and not y.requires_grad:
-        if again is None and not float(y.amax()) <= 80.0:  # True for a NaN
+        if (again is None or not _overflow_flagged()) and not float(y.amax()) <= 80.0:  # True for a NaN
             return _softplus_exact_(y)
         if _exp_log1p_numpy_(y):
             return y
@@ -75,6 +75,29 @@ def _exp_log1p_numpy_(y) -> bool:
         return False
     np.log1p(a, out=a)
     return True
+
+
+_FLAGGED: list = []
+
+
+def _overflow_flagged() -> bool:
+    """Whether this NumPy flags an overflow of float32 ``exp`` in the SIMD body and in the tail of an array.
+
+    Checked once: where it does not, :func:`softplus_` takes the maximum first on every block.
+    """
+    if not _FLAGGED:
+        ok = True
+        for at in (3, 66):  # a vector lane, then the remainder after the last full vector
+            a = np.zeros(67, dtype=np.float32)
+            a[at] = 100.0
+            try:
+                with np.errstate(over="raise"):
+                    np.exp(a, out=a)
+                ok = False
+            except FloatingPointError:
+                pass
+        _FLAGGED.append(ok)
+    return _FLAGGED[0]
 
 
 def _softplus_exact_(y):

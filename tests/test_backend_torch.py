@@ -339,6 +339,14 @@ def test_inference_softplus_falls_back_where_exp_overflows(where, again):
     assert len(made) == again
 
 
+def test_inference_softplus_checks_first_where_numpy_does_not_flag_overflows(monkeypatch):
+    monkeypatch.setattr(_torch_fmap, "_FLAGGED", [False])  # as on a NumPy whose exp sets no overflow flag
+    y = torch.linspace(-30, 30, 1000)
+    y[7] = 95.0
+    got = _torch_fmap.softplus_(y.clone(), again=lambda: pytest.fail("the maximum is taken first"))
+    assert float(got[7]) == 95.0 and torch.isfinite(got).all()
+
+
 def test_fused_path_with_large_activations_matches_the_core(torch_path, monkeypatch):
     B, H, N, d = 1, 2, 40, 8
     phi = _phi("ffn", {"bias": True}, H, d)
