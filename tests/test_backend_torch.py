@@ -431,6 +431,61 @@ def test_float64_matches_the_numpy_reference(kind, opts, causal, masked):
             assert rel_rms_error(got.detach(), want) < 1e-12
 
 
+FUSED_MASKS = ("none", "right", "left", "holes", "item")
+
+
+def _pattern_mask(pattern, B, L):
+    if pattern == "none":
+        return None
+    keep = torch.ones(B, L, dtype=torch.bool)
+    if pattern == "right":
+        keep[0, L - 5:] = False
+        keep[1, L // 2:] = False
+    elif pattern == "left":  # causal: the first rows have no real key at all
+        keep[0, :7] = False
+        keep[1, :L - 3] = False
+    elif pattern == "holes":
+        keep = torch.rand(B, L, generator=torch.Generator().manual_seed(4)) > 0.35
+        keep[:, 0] = True
+    elif pattern == "item":  # a whole batch item is padding
+        keep[1, :] = False
+    return keep
+
+
+FUSED_CASES = [(c, p) for c in (False, True) for p in FUSED_MASKS + ("cross",) if not (c and p == "cross")]
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0], ids=["plain", "beyond-exp"])  # x 100: a tenth of x W > 88.7
+@pytest.mark.parametrize("causal, pattern", FUSED_CASES,
+                         ids=[f"{'causal' if c else 'noncausal'}-{p}" for c, p in FUSED_CASES])
+def test_float32_inference_matches_the_float64_definition(torch_path, monkeypatch, causal, pattern, scale):
+    """Float32 inference against the float64 definition: output and returned state, every mask pattern, L != N,
+    a caller's state, and activations beyond ``exp``'s range. Blocked: the fused path of long sequences (NumPy's
+    Softplus and its overflow flag, whose blocks are then made again; many blocks of both budgets); direct:
+    the whole-tensor formula of short ones."""
+    B, H, N, d = 3, 2, 75, 6
+    L = 53 if pattern == "cross" else N
+    monkeypatch.setattr(_torch_ops, "BLOCK_FLOATS", B * H * 8 * 16)
+    monkeypatch.setattr(_torch_ops, "NONCAUSAL_BLOCK_FLOATS", B * H * 8 * 16)
+    fused = []
+    real = _torch_ops.forward_fused
+    monkeypatch.setattr(_torch_ops, "forward_fused", lambda *a, **kw: fused.append(1) or real(*a, **kw))
+    phi = _phi("ffn", {"bias": True}, H, d)
+    q, k, v, _, state = _inputs(B, H, N, L, d, d, torch.float64, state_m=d)
+    q, k = q * scale, k * scale
+    keep = _pattern_mask("none" if pattern == "cross" else pattern, B, L)
+    ref, (S, z) = reference_linear_attention(q, k, v, feature_map=phi.to(like=q), causal=causal, key_mask=keep,
+                                             initial_state=state, return_state=True)
+    with torch.no_grad():
+        out, st = ka.linear_attention(*(t.float() for t in (q, k, v)), feature_map=phi, causal=causal,
+                                      key_mask=keep, chunk_size=4, initial_state=tuple(t.float() for t in state),
+                                      return_state=True)
+    assert bool(fused) == (torch_path == "blocked"), "the fused path ran where it should not, or did not run"
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    for got, want in ((out, ref), (st.S, S), (st.z, z)):
+        assert rel_rms_error(got.double(), want) < 1e-5
+
+
 def test_custom_op_backward_matches_finite_differences():
     """gradcheck: the hand-written chunked backward against central differences (float64)."""
     g = torch.Generator().manual_seed(0)
