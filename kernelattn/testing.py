@@ -21,6 +21,7 @@ from .feature_maps import FeatureMap, as_feature_map
 
 __all__ = [
     "assert_close",
+    "edge_key_mask",
     "reference_feature_map",
     "reference_linear_attention",
     "reference_linear_attention_vjp",
@@ -204,6 +205,38 @@ def reference_softmax_attention(q, k, v, *, causal=False, key_mask=None, scale=N
                     w = np.exp(s[i, ok[i]] - s[i, ok[i]].max())
                     out[b, h, i] = (w / w.sum()) @ v[b, h][ok[i]]
     return out
+
+
+#: the key-padding patterns of the edge cases every path is tested on (tests/test_edges.py)
+MASK_PATTERNS = ("none", "right", "left", "holes", "item")
+
+
+def edge_key_mask(pattern: str, batch: int, length: int, rng=None, *, chunk: int = 16):
+    """A (batch, length) boolean key mask (True = real key) of a named edge pattern, or None for ``"none"``.
+
+    ``"right"`` / ``"left"``: padding at the end / the start (causal: the first rows then have no real key at
+    all); ``"holes"``: random gaps (``rng``, a NumPy Generator), the first key kept; ``"item"``: batch item 1
+    all padding, item 2 padded over its first ``chunk + 1`` keys. Needs batch >= 2 (3 for all of "item").
+    """
+    if pattern not in MASK_PATTERNS:
+        raise ValueError(f"pattern must be one of {', '.join(map(repr, MASK_PATTERNS))}; got {pattern!r}")
+    if pattern == "none":
+        return None
+    m = np.ones((batch, length), dtype=bool)
+    if pattern == "right":
+        m[0, length - 5:] = False
+        m[1, length // 2:] = False
+    elif pattern == "left":
+        m[0, :7] = False
+        m[1, :length - 3] = False
+    elif pattern == "holes":
+        m = (np.random.default_rng(0) if rng is None else rng).random((batch, length)) > 0.35
+        m[:, 0] = True
+    else:
+        m[1, :] = False
+        if batch > 2:
+            m[2, :chunk + 1] = False
+    return m
 
 
 def rel_rms_error(actual, desired) -> float:

@@ -18,8 +18,8 @@ import kernelattn as ka
 from kernelattn import _dispatch
 from kernelattn.backends import _torch_fmap, _torch_mem, _torch_ops
 from kernelattn.backends import torch as torch_backend
-from kernelattn.testing import (reference_linear_attention, reference_softmax_attention, rel_rms_error,
-                                watch_torch_sizes)
+from kernelattn.testing import (MASK_PATTERNS, edge_key_mask, reference_linear_attention,
+                                reference_softmax_attention, rel_rms_error, watch_torch_sizes)
 
 LIMITS = (torch_backend.CAUSAL_MAX, torch_backend.DIRECT_MAX)  # before any fixture changes them
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 5e-3, torch.float64: 1e-12}
@@ -431,28 +431,7 @@ def test_float64_matches_the_numpy_reference(kind, opts, causal, masked):
             assert rel_rms_error(got.detach(), want) < 1e-12
 
 
-FUSED_MASKS = ("none", "right", "left", "holes", "item")
-
-
-def _pattern_mask(pattern, B, L):
-    if pattern == "none":
-        return None
-    keep = torch.ones(B, L, dtype=torch.bool)
-    if pattern == "right":
-        keep[0, L - 5:] = False
-        keep[1, L // 2:] = False
-    elif pattern == "left":  # causal: the first rows have no real key at all
-        keep[0, :7] = False
-        keep[1, :L - 3] = False
-    elif pattern == "holes":
-        keep = torch.rand(B, L, generator=torch.Generator().manual_seed(4)) > 0.35
-        keep[:, 0] = True
-    elif pattern == "item":  # a whole batch item is padding
-        keep[1, :] = False
-    return keep
-
-
-FUSED_CASES = [(c, p) for c in (False, True) for p in FUSED_MASKS + ("cross",) if not (c and p == "cross")]
+FUSED_CASES = [(c, p) for c in (False, True) for p in MASK_PATTERNS + ("cross",) if not (c and p == "cross")]
 
 
 @pytest.mark.parametrize("scale", [1.0, 100.0], ids=["plain", "beyond-exp"])  # x 100: a tenth of x W > 88.7
@@ -473,7 +452,8 @@ def test_float32_inference_matches_the_float64_definition(torch_path, monkeypatc
     phi = _phi("ffn", {"bias": True}, H, d)
     q, k, v, _, state = _inputs(B, H, N, L, d, d, torch.float64, state_m=d)
     q, k = q * scale, k * scale
-    keep = _pattern_mask("none" if pattern == "cross" else pattern, B, L)
+    keep = edge_key_mask("none" if pattern == "cross" else pattern, B, L, np.random.default_rng(4))
+    keep = None if keep is None else torch.from_numpy(keep)
     ref, (S, z) = reference_linear_attention(q, k, v, feature_map=phi.to(like=q), causal=causal, key_mask=keep,
                                              initial_state=state, return_state=True)
     with torch.no_grad():

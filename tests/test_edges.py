@@ -15,7 +15,8 @@ import pytest
 
 import kernelattn as ka
 from kernelattn import _tree
-from kernelattn.testing import reference_linear_attention, reference_linear_attention_vjp, to_numpy
+from kernelattn.testing import (edge_key_mask, reference_linear_attention, reference_linear_attention_vjp,
+                                to_numpy)
 
 B, H, D = 3, 2, 8
 N = 37            # not a multiple of the chunk
@@ -29,23 +30,8 @@ HEAVY = ("jax", "dask")
 
 
 def make_mask(pattern, rng, n):
-    """(B, n) boolean key mask of a named pattern (None for "none")."""
-    if pattern in ("none", "cross"):
-        return None
-    m = np.ones((B, n), dtype=bool)
-    if pattern == "right":
-        m[0, n - 5:] = False
-        m[1, n // 2:] = False
-    elif pattern == "left":          # causal: the first rows have no real key at all
-        m[0, :7] = False
-        m[1, :n - 3] = False
-    elif pattern == "holes":
-        m = rng.random((B, n)) > 0.35
-        m[:, 0] = True
-    elif pattern == "item":          # a whole batch item is padding
-        m[1, :] = False
-        m[2, :CHUNK + 1] = False
-    return m
+    """(B, n) boolean key mask of a named pattern (None for "none" and "cross")."""
+    return None if pattern == "cross" else edge_key_mask(pattern, B, n, rng, chunk=CHUNK)
 
 
 def inputs(rng, pattern, *, n=N, cross=False):
@@ -420,3 +406,15 @@ def test_empty_inputs(xp_backend, causal, n, l):
     if n == l:
         o, st = ka.linear_attention_step(q, k, v, feature_map=phi.to(like=q))
         assert tuple(o.shape) == (2, H, 0, 5) and tuple(st.S.shape) == (2, H, D, 5)
+
+
+def test_edge_key_masks_are_the_named_patterns(rng):
+    assert edge_key_mask("none", B, N) is None
+    item = edge_key_mask("item", B, N, chunk=CHUNK)
+    assert not item[1].any() and not item[2, :CHUNK + 1].any() and item[2, CHUNK + 1:].all() and item[0].all()
+    left = edge_key_mask("left", B, N)
+    assert not left[0, :7].any() and left[0, 7:].all() and left[1].sum() == 3
+    holes = edge_key_mask("holes", B, N, rng)
+    assert holes[:, 0].all() and not holes.all()
+    with pytest.raises(ValueError, match="pattern must be one of .*; got 'middle'"):
+        edge_key_mask("middle", B, N)
